@@ -1,0 +1,288 @@
+//! The `recurformer` binary: one subcommand per pipeline stage.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use recurformer::generate::{generate, GenerateRequest, Sampler, SamplingParams};
+use recurformer::tokenizer::ChatMessage;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "recurformer",
+    version,
+    about = "Convert Llama-family transformers into RecurFormers: \
+recency-aware attention heads become Mamba mixers with a constant-size state."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every subcommand that loads a model.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a GGUF
+    /// file. Defaults to the SmolLM2-135M-Instruct GGUF fetched by scripts/setup.sh.
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// CPU threads for tensor ops (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn path(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(recurformer::default_model_path)
+    }
+    fn apply_threads(&self) {
+        if let Some(n) = self.threads {
+            // candle sizes its rayon pool from this variable on first use.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a model's architecture, parameter count, heads and KV-cache bytes per token.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt (argument or stdin), streaming tokens to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt; read from stdin when absent.
+    prompt: Option<String>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Stop after this many new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to p.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Penalise tokens already in the text (1.0 = off, 1.1 is a common setting).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Do not add the BOS token the tokenizer asks for.
+    #[arg(long)]
+    no_bos: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { model, json } => info(&model, json),
+        Command::Generate(args) => generate_cmd(args),
+    }
+}
+
+fn human_bytes(b: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{x:.0} {}", units[u])
+    } else {
+        format!("{x:.2} {}", units[u])
+    }
+}
+
+fn info(args: &ModelArgs, json: bool) -> Result<()> {
+    args.apply_threads();
+    let path = args.path();
+    let loaded = recurformer::loader::load(&path)?;
+    let m = &loaded.model;
+    let c = &m.cfg;
+    let per_tok = c.kv_bytes_per_token();
+    let v = serde_json::json!({
+        "path": path.display().to_string(),
+        "format": format!("{:?}", loaded.format),
+        "architecture": c.architecture.name(),
+        "parameters": m.num_parameters(),
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "query_heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "kv_cache_bytes_per_token_f32": per_tok,
+        "recurrent_state_bytes": 0,
+        "chat_template": loaded.tokenizer.as_ref().map(|t| t.chat_template.is_some()),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model            {}", path.display());
+    println!("format           {:?}", loaded.format);
+    println!("architecture     {}", c.architecture.name());
+    println!(
+        "parameters       {} ({:.1} M)",
+        m.num_parameters(),
+        m.num_parameters() as f64 / 1e6
+    );
+    println!("layers           {}", c.num_hidden_layers);
+    println!(
+        "hidden / mlp     {} / {}",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads            {} query, {} KV (groups of {}), head_dim {}",
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.group_size(),
+        c.head_dim
+    );
+    println!("vocabulary       {}", c.vocab_size);
+    println!(
+        "context          {} positions, rope theta {}, scaling {:?}",
+        c.max_position_embeddings, c.rope_theta, c.rope_scaling
+    );
+    println!(
+        "embeddings       {}",
+        if c.tie_word_embeddings {
+            "tied"
+        } else {
+            "untied"
+        }
+    );
+    println!("KV cache (f32)   {} per token", human_bytes(per_tok as f64));
+    for n in [1024usize, 8192, 32768, 131072] {
+        println!("  at {:>6} tok  {}", n, human_bytes((per_tok * n) as f64));
+    }
+    println!("recurrent state  0 B (no Mamba mixers)");
+    Ok(())
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    a.model.apply_threads();
+    let path = a.model.path();
+    let loaded = recurformer::loader::load(&path)?;
+    let tok = loaded.tokenizer()?;
+    let prompt = match a.prompt {
+        Some(p) => p,
+        None => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the prompt from stdin")?;
+            s
+        }
+    };
+    let (text, add_special) = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = a.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s,
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: prompt,
+        });
+        // The template writes any BOS itself.
+        (tok.apply_chat_template(&messages, true)?, false)
+    } else {
+        (prompt, !a.no_bos)
+    };
+    let ids = tok.encode(&text, add_special)?;
+    let mut eos = loaded.model.cfg.eos_token_ids.clone();
+    if a.chat {
+        // Chat models end a turn with the template's end-of-turn token even when EOS differs.
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
+            if let Some(id) = tok.token_id(t) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+    }
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    })?;
+    let mut stream = tok.inner.decode_stream(true);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut on_token = |t: u32| -> Result<()> {
+        if let Some(piece) = stream
+            .step(t)
+            .map_err(|e| anyhow::anyhow!("decoding token {t}: {e}"))?
+        {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+        }
+        Ok(())
+    };
+    let (_ids, stats) = generate(
+        &loaded.model,
+        &GenerateRequest {
+            prompt: &ids,
+            max_tokens: a.max_tokens,
+            eos: &eos,
+        },
+        &mut sampler,
+        &mut on_token,
+    )?;
+    drop(on_token);
+    println!();
+    eprintln!(
+        "[prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.1} tok/s | cache {} (KV {}, recurrent {}){}]",
+        stats.prompt_tokens,
+        stats.prefill_tok_s(),
+        stats.generated_tokens,
+        stats.decode_tok_s(),
+        human_bytes(stats.cache.total() as f64),
+        human_bytes(stats.cache.kv as f64),
+        human_bytes(stats.cache.recurrent as f64),
+        if stats.stopped_at_eos { ", stopped at EOS" } else { "" }
+    );
+    Ok(())
+}

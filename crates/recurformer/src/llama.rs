@@ -1,0 +1,590 @@
+//! Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral without sliding window) and
+//! Qwen2, which is the same network with biases on q/k/v.
+//!
+//! Follows Hugging Face transformers `modeling_llama.py` / `modeling_qwen2.py` (v4.5x): pre-norm
+//! blocks, RMSNorm, rotary embeddings in the "rotate half" layout, grouped-query attention, SwiGLU
+//! MLP. Field names equal the checkpoint's tensor names, so loading is one-to-one.
+//!
+//! Glossary: b batch, t new tokens, s total keys (cached + new), nh query heads, nkv KV heads,
+//! g = nh / nkv query heads per KV head, hd head dim, d hidden size, v vocabulary.
+//!
+//! The model is immutable; the KV cache is passed in (`HybridCache`).
+
+use crate::cache::{HybridCache, KvCache, LayerCache};
+use crate::config::{ModelConfig, RopeScaling};
+use crate::weights::Weights;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Which attention implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionImpl {
+    /// Grouped-query matmuls without repeating K/V, queries processed in chunks so the score
+    /// matrix stays small at long context. The inference path.
+    #[default]
+    Fast,
+    /// The textbook computation (repeat K/V per query head, full score matrix, differentiable
+    /// softmax); can hand the attention probabilities to an observer. The reference path.
+    Eager,
+}
+
+/// Options of one forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    pub attention: AttentionImpl,
+    /// Use only ops that record a backward pass (candle's fused rms_norm/rope/softmax do not).
+    pub differentiable: bool,
+}
+
+/// Receives the attention probabilities (b, nh, t, s) of each layer on the eager path.
+pub type ProbsObserver<'a> = dyn FnMut(usize, &Tensor) -> Result<()> + 'a;
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out, in)
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // x: (.., in) -> (.., out), as one 2-D GEMM over all leading positions.
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?; // (rows, out)
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(name, &[size])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        if opts.differentiable {
+            Ok(candle_nn::ops::rms_norm_slow(
+                x,
+                &self.weight,
+                self.eps as f32,
+            )?)
+        } else {
+            Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?)
+        }
+    }
+}
+
+/// Rotary position embedding, "rotate half" layout (transformers `apply_rotary_pos_emb`).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// hd/2 inverse frequencies, after scaling.
+    pub inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let hd = cfg.head_dim;
+        // transformers computes base ** (arange(0, dim, 2) / dim) in float32.
+        let base: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let inv_freq = match &cfg.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => {
+                base.iter().map(|f| f / *factor as f32).collect()
+            }
+            Some(RopeScaling::Factors { factors }) => base
+                .iter()
+                .zip(factors)
+                .map(|(f, s)| f / *s as f32)
+                .collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                // transformers `_compute_llama3_parameters`: long wavelengths are divided by
+                // `factor`, short ones kept, the band between interpolated smoothly.
+                let old = *original_max_position_embeddings as f32;
+                let (factor, lo, hi) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
+                let low_wavelen = old / lo;
+                let high_wavelen = old / hi;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Rope { inv_freq }
+    }
+
+    /// cos and sin tables for positions offset..offset+t, each (t, hd/2).
+    pub fn tables(&self, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in offset..offset + t {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), device)?,
+            Tensor::from_vec(sin, (t, half), device)?,
+        ))
+    }
+
+    /// x: (b, h, t, hd) -> same shape, rotated.
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        if opts.differentiable {
+            Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?)
+        } else {
+            Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, d, false)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, d, false)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, i, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// Additive causal mask for `t` queries at positions offset.. against `s` keys: (t, s).
+pub fn causal_mask(t: usize, s: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
+}
+
+/// Softmax attention of `q` (b, nh, t, hd) against `k`, `v` (b, nkv, s, hd), queries at
+/// positions s-t..s. Returns (b, nh, t, hd) and, on the eager path, the probabilities.
+pub struct AttentionInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub opts: &'a ForwardOptions,
+    pub want_probs: bool,
+}
+
+/// Largest score block (elements) the fast path materialises at once: 16M floats = 64 MB.
+const FAST_SCORE_BLOCK: usize = 1 << 24;
+
+pub fn attention(inp: AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, nh, t, hd) = inp.q.dims4()?;
+    let (_, nkv, s, _) = inp.k.dims4()?;
+    let g = nh / nkv;
+    let offset = s - t;
+    let scale = 1.0 / (hd as f64).sqrt();
+    match inp.opts.attention {
+        AttentionImpl::Eager => {
+            // Repeat each KV head for the g query heads that read it (transformers `repeat_kv`).
+            let rep = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, g, s, hd))?
+                    .reshape((b, nh, s, hd))?)
+            };
+            let (k, v) = (rep(inp.k)?, rep(inp.v)?);
+            let scores = (inp.q.contiguous()?.matmul(&k.t()?)? * scale)?; // (b, nh, t, s)
+            let scores = scores.broadcast_add(&causal_mask(t, s, offset, inp.q.device())?)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let out = probs.matmul(&v)?; // (b, nh, t, hd)
+            Ok((out, if inp.want_probs { Some(probs) } else { None }))
+        }
+        AttentionImpl::Fast => {
+            if inp.want_probs {
+                bail!("the fast attention path does not return probabilities; use the eager path");
+            }
+            // Query heads of one group are adjacent (head h reads KV head h / g), so the queries of
+            // a group stack into the rows of one matrix and share a single K^T / V matmul.
+            let q = inp.q.contiguous()?.reshape((b, nkv, g, t, hd))?;
+            let chunk = (FAST_SCORE_BLOCK / (b * nh * s).max(1)).clamp(1, t.max(1));
+            let mut outs = Vec::with_capacity(t.div_ceil(chunk));
+            let mut start = 0;
+            while start < t {
+                let c = chunk.min(t - start);
+                let keys = offset + start + c; // keys visible to the last query of the chunk
+                let qc = q
+                    .narrow(3, start, c)?
+                    .contiguous()?
+                    .reshape((b, nkv, g * c, hd))?;
+                let kc = inp.k.narrow(2, 0, keys)?;
+                let vc = inp.v.narrow(2, 0, keys)?;
+                let mut scores = (qc.matmul(&kc.t()?)? * scale)?; // (b, nkv, g*c, keys)
+                if c > 1 || offset + start + 1 < keys {
+                    let mask = causal_mask(c, keys, offset + start, inp.q.device())?; // (c, keys)
+                    scores = scores
+                        .reshape((b, nkv, g, c, keys))?
+                        .broadcast_add(&mask)?
+                        .reshape((b, nkv, g * c, keys))?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let o = probs.matmul(&vc.contiguous()?)?; // (b, nkv, g*c, hd)
+                outs.push(o.reshape((b, nkv, g, c, hd))?);
+                start += c;
+            }
+            let out = if outs.len() == 1 {
+                outs.pop().expect("one chunk")
+            } else {
+                Tensor::cat(&outs, 3)?
+            };
+            Ok((out.reshape((b, nh, t, hd))?, None))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, nh, nkv, hd) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let bias = cfg.attention_bias;
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), nh * hd, d, bias)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), nkv * hd, d, bias)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), nkv * hd, d, bias)?,
+            // transformers' `attention_bias` also puts a bias on o_proj for Llama; Qwen2 never does.
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), d, nh * hd, false)?,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// The heads' outputs before o_proj: x (b, t, d) -> (b, t, nh*hd).
+    pub fn heads_forward(
+        &self,
+        ctx: &mut LayerCtx,
+        x: &Tensor,
+        kv: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?; // (b, nh, t, hd)
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // (b, nkv, t, hd)
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // (b, nkv, t, hd)
+        let q = ctx.rope.apply(&q, ctx.cos, ctx.sin, ctx.opts)?;
+        let k = ctx.rope.apply(&k, ctx.cos, ctx.sin, ctx.opts)?;
+        let (k_all, v_all) = kv.append(&k, &v)?; // (b, nkv, s, hd)
+        let want_probs = ctx.observer.is_some();
+        let (o, probs) = attention(AttentionInputs {
+            q: &q,
+            k: &k_all,
+            v: &v_all,
+            opts: ctx.opts,
+            want_probs,
+        })?;
+        if let (Some(obs), Some(p)) = (ctx.observer.as_mut(), probs.as_ref()) {
+            obs(ctx.layer, p)?;
+        }
+        Ok(o.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (b, t, nh*hd)
+    }
+}
+
+/// What a layer's forward needs besides its input: rope tables, options, and the observer.
+pub struct LayerCtx<'a, 'o> {
+    pub layer: usize,
+    pub rope: &'a Rope,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub opts: &'a ForwardOptions,
+    pub observer: Option<&'a mut ProbsObserver<'o>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn load(w: &Weights, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        ctx: &mut LayerCtx,
+        x: &Tensor,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let kv = cache.kv.as_mut().context("layer cache has no KV part")?;
+        let h = self.input_layernorm.forward(x, ctx.opts)?;
+        let a = self.self_attn.heads_forward(ctx, &h, kv)?;
+        let x = (x + self.self_attn.o_proj.forward(&a)?)?;
+        let h = self.post_attention_layernorm.forward(&x, ctx.opts)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor, // (v, d)
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Tensor, // (v, d); the embedding itself when tied
+    pub rope: Rope,
+    pub device: Device,
+}
+
+impl Model {
+    /// Builds the model from `weights`, checking every tensor's shape and that none is left over.
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, d])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(w, i, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm.weight", d, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some exporters also save the tied copy; it carries no information.
+            w.skip("lm_head.weight");
+            embed_tokens.clone()
+        } else {
+            w.get("lm_head.weight", &[v, d])?
+        };
+        for name in w.names() {
+            if name.ends_with("rotary_emb.inv_freq") {
+                w.skip(name); // recomputed from the config
+            }
+        }
+        w.finish()?;
+        let device = embed_tokens.device().clone();
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg),
+            device,
+        })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        let lin =
+            |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count());
+        let mut n = self.embed_tokens.elem_count() + self.norm.weight.elem_count();
+        if !self.cfg.tie_word_embeddings {
+            n += self.lm_head.elem_count();
+        }
+        for l in &self.layers {
+            let a = &l.self_attn;
+            n += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj) + lin(&a.o_proj);
+            n += lin(&l.mlp.gate_proj) + lin(&l.mlp.up_proj) + lin(&l.mlp.down_proj);
+            n += l.input_layernorm.weight.elem_count()
+                + l.post_attention_layernorm.weight.elem_count();
+        }
+        n
+    }
+
+    /// An empty cache for `batch` sequences, with room for `capacity` tokens before it grows.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> HybridCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerCache {
+                kv: Some(KvCache::new(
+                    batch,
+                    l.self_attn.n_kv_heads,
+                    l.self_attn.head_dim,
+                    capacity,
+                )),
+                recurrent: None,
+            })
+            .collect();
+        HybridCache::new(layers, self.device.clone())
+    }
+
+    /// Runs the decoder over `ids` (b, t) appended to `cache`; returns final hidden states (b, t, d).
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        cache: &mut HybridCache,
+        opts: &ForwardOptions,
+        mut observer: Option<&mut ProbsObserver>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t == 0 {
+            bail!("forward called with no tokens");
+        }
+        if cache.layers.len() != self.layers.len() {
+            bail!(
+                "cache has {} layers, model has {}",
+                cache.layers.len(),
+                self.layers.len()
+            );
+        }
+        let max_id = ids.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+        if max_id as usize >= self.cfg.vocab_size {
+            bail!(
+                "token id {max_id} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        let offset = cache.seq_len;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?; // (b, t, d)
+        let (cos, sin) = self.rope.tables(offset, t, &self.device)?;
+        for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let mut ctx = LayerCtx {
+                layer: i,
+                rope: &self.rope,
+                cos: &cos,
+                sin: &sin,
+                opts,
+                observer: observer.as_deref_mut(),
+            };
+            x = layer.forward(&mut ctx, &x, lc)?;
+        }
+        cache.seq_len += t;
+        self.norm.forward(&x, opts)
+    }
+
+    /// Logits at every position: (b, t, v).
+    pub fn forward(&self, ids: &Tensor, cache: &mut HybridCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, &ForwardOptions::default(), None)?;
+        self.logits(&h)
+    }
+
+    /// Logits at the last position only: (b, v). What generation needs.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut HybridCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, &ForwardOptions::default(), None)?;
+        let t = h.dim(1)?;
+        Ok(self.logits(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+
+    /// Hidden states (b, t, d) -> logits (b, t, v).
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        Ok(h.reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, self.cfg.vocab_size))?)
+    }
+}

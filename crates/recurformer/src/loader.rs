@@ -1,0 +1,97 @@
+//! Opens whatever a user points `--model` at: a Hugging Face checkpoint directory or a GGUF file.
+
+use crate::config::ModelConfig;
+use crate::gguf::GgufFile;
+use crate::llama::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    HfDir,
+    Gguf,
+}
+
+pub struct LoadedModel {
+    pub model: Model,
+    /// None for checkpoints without tokenizer files (the tiny test models).
+    pub tokenizer: Option<Tokenizer>,
+    pub format: SourceFormat,
+    pub path: PathBuf,
+}
+
+impl LoadedModel {
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .with_context(|| format!("{} has no tokenizer (tokenizer.json)", self.path.display()))
+    }
+}
+
+fn is_gguf(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(f.read(&mut magic)? == 4 && &magic == b"GGUF")
+}
+
+/// Reads only the configuration (cheap), for `info` and planning.
+pub fn load_config(path: &Path) -> Result<ModelConfig> {
+    if path.is_dir() {
+        ModelConfig::from_hf_file(&path.join("config.json"))
+    } else if path.is_file() && is_gguf(path)? {
+        GgufFile::open(path)?.config()
+    } else if !path.exists() {
+        bail!("model path {} does not exist", path.display())
+    } else {
+        bail!(
+            "{} is neither a checkpoint directory (config.json) nor a GGUF file",
+            path.display()
+        )
+    }
+}
+
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    if !path.exists() {
+        bail!("model path {} does not exist", path.display());
+    }
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        if !cfg_path.exists() {
+            bail!("{} is a directory without config.json", path.display());
+        }
+        let cfg = ModelConfig::from_hf_file(&cfg_path)?;
+        let w = weights::load_hf_dir(path)?;
+        let model = Model::load(&w, &cfg).with_context(|| format!("loading {}", path.display()))?;
+        let tokenizer = if path.join("tokenizer.json").exists() {
+            Some(Tokenizer::from_hf_dir(path)?)
+        } else {
+            None
+        };
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            format: SourceFormat::HfDir,
+            path: path.to_path_buf(),
+        })
+    } else if is_gguf(path)? {
+        let g = GgufFile::open(path)?;
+        let cfg = g.config()?;
+        let w = g.weights(&cfg)?;
+        let model = Model::load(&w, &cfg).with_context(|| format!("loading {}", path.display()))?;
+        let tokenizer = Some(Tokenizer::from_gguf(&g)?);
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            format: SourceFormat::Gguf,
+            path: path.to_path_buf(),
+        })
+    } else {
+        bail!(
+            "{} is neither a checkpoint directory (config.json) nor a GGUF file (no GGUF magic)",
+            path.display()
+        )
+    }
+}
