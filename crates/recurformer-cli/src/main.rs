@@ -57,6 +57,31 @@ enum Command {
     },
     /// Generate text from a prompt (argument or stdin), streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Measure prefill and decode speed and peak memory at several context lengths, beside the
+    /// PyTorch + transformers reference on the same weights and thread count.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context lengths (tokens of prompt before decoding), run in this order.
+    #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 8192])]
+    contexts: Vec<usize>,
+    /// Decode steps timed after each prefill; the median is reported.
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// Text the contexts are cut from (repeated when too short).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Reference engine run in the same command: `pytorch` (reference/.venv, see
+    /// reference/setup_venv.sh), `llama-cpp`, or `none`.
+    #[arg(long, default_value = "pytorch")]
+    reference: String,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -106,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info { model, json } => info(&model, json),
         Command::Generate(args) => generate_cmd(args),
+        Command::Bench(args) => bench_cmd(args),
     }
 }
 
@@ -284,5 +310,139 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         human_bytes(stats.cache.recurrent as f64),
         if stats.stopped_at_eos { ", stopped at EOS" } else { "" }
     );
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    use recurformer::bench::{bench_point, tokens_at_least, BenchPoint};
+    a.model.apply_threads();
+    let threads = a.model.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let path = a.model.path();
+    let loaded = recurformer::loader::load(&path)?;
+    let text_path = a
+        .text
+        .clone()
+        .unwrap_or_else(|| recurformer::repo_root().join("data/text/austen/emma.txt"));
+    let text = std::fs::read_to_string(&text_path)
+        .with_context(|| format!("reading {}", text_path.display()))?;
+    let max_ctx = a.contexts.iter().copied().max().unwrap_or(0);
+    let ids = tokens_at_least(&loaded.tokenizer()?.encode(&text, false)?, max_ctx)?;
+    // Warm-up: first-touch allocations and thread-pool start are not part of any figure.
+    bench_point(&loaded.model, &ids, 16.min(max_ctx), 2)?;
+    let mut ours: Vec<BenchPoint> = Vec::new();
+    for &c in &a.contexts {
+        eprintln!("recurformer: context {c} ...");
+        let p = bench_point(&loaded.model, &ids, c, a.decode_steps)?;
+        eprintln!(
+            "  prefill {:.1} tok/s, decode {:.2} tok/s, peak RSS {}",
+            p.prefill_tok_s,
+            p.decode_tok_s,
+            human_bytes(p.peak_rss_bytes as f64)
+        );
+        ours.push(p);
+    }
+    let reference: Option<serde_json::Value> = match a.reference.as_str() {
+        "none" => None,
+        engine @ ("pytorch" | "llama-cpp") => {
+            let root = recurformer::repo_root();
+            let py = root.join("reference/.venv/bin/python");
+            if !py.exists() {
+                eprintln!(
+                    "reference skipped: {} is missing (run reference/setup_venv.sh)",
+                    py.display()
+                );
+                None
+            } else {
+                eprintln!("reference ({engine}): running reference/bench_torch.py ...");
+                let mut cmd = std::process::Command::new(&py);
+                cmd.arg(root.join("reference/bench_torch.py"))
+                    .arg("--gguf")
+                    .arg(&path)
+                    .arg("--decode-steps")
+                    .arg(a.decode_steps.to_string())
+                    .arg("--threads")
+                    .arg(threads.to_string())
+                    .arg("--text")
+                    .arg(&text_path)
+                    .arg("--contexts")
+                    .args(a.contexts.iter().map(|c| c.to_string()));
+                if engine == "llama-cpp" {
+                    cmd.arg("--engine").arg("llama_cpp");
+                }
+                let out = cmd
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .context("running the reference benchmark")?;
+                if !out.status.success() {
+                    anyhow::bail!("reference benchmark failed with {}", out.status);
+                }
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .context("parsing the reference's JSON output")?;
+                Some(v)
+            }
+        }
+        other => anyhow::bail!("--reference {other:?}: expected pytorch, llama-cpp or none"),
+    };
+    println!(
+        "model {} | {} threads | {} decode steps (median)",
+        path.display(),
+        threads,
+        a.decode_steps
+    );
+    let ref_name = reference
+        .as_ref()
+        .and_then(|r| r["engine"].as_str())
+        .unwrap_or("reference")
+        .to_string();
+    println!(
+        "{:>7} | {:>12} {:>12} {:>7} | {:>11} {:>11} {:>7} | {:>10} {:>10}",
+        "context",
+        "prefill tok/s",
+        format!("{ref_name}"),
+        "ratio",
+        "decode tok/s",
+        ref_name,
+        "ratio",
+        "peak RSS",
+        ref_name
+    );
+    for p in &ours {
+        let r = reference.as_ref().and_then(|r| {
+            r["results"]
+                .as_array()?
+                .iter()
+                .find(|x| x["context"].as_u64() == Some(p.context as u64))
+                .cloned()
+        });
+        let rf = |k: &str| r.as_ref().and_then(|x| x[k].as_f64());
+        let fmt_ratio = |a: f64, b: Option<f64>| {
+            b.map(|b| format!("{:.2}x", a / b))
+                .unwrap_or_else(|| "-".into())
+        };
+        let fmt_opt = |b: Option<f64>| b.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:>7} | {:>13.1} {:>12} {:>7} | {:>12.2} {:>11} {:>7} | {:>10} {:>10}",
+            p.context,
+            p.prefill_tok_s,
+            fmt_opt(rf("prefill_tok_s")),
+            fmt_ratio(p.prefill_tok_s, rf("prefill_tok_s")),
+            p.decode_tok_s,
+            fmt_opt(rf("decode_tok_s")),
+            fmt_ratio(p.decode_tok_s, rf("decode_tok_s")),
+            human_bytes(p.peak_rss_bytes as f64),
+            rf("peak_rss_bytes")
+                .map(human_bytes)
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    if let Some(j) = a.json {
+        let v = serde_json::json!({"model": path.display().to_string(), "threads": threads,
+            "decode_steps": a.decode_steps, "recurformer": ours, "reference": reference});
+        recurformer::io::write_atomic(&j, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
     Ok(())
 }

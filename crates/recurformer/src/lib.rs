@@ -3,10 +3,12 @@
 //! checkpoint loading (Hugging Face safetensors and GGUF), tokenizers, the decoder with its
 //! per-sequence cache, and generation.
 
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod io;
 pub mod llama;
 pub mod loader;
 pub mod tokenizer;

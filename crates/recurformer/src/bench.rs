@@ -1,0 +1,101 @@
+//! Speed and memory measurement of the engine `generate` uses: prefill of a context of N tokens,
+//! then single-token decode steps with the cache, medians over the steps.
+
+use crate::llama::Model;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BenchPoint {
+    pub context: usize,
+    pub prefill_tok_s: f64,
+    /// Median over the decode steps.
+    pub decode_tok_s: f64,
+    /// Process peak resident memory after this point (monotone over a run: contexts run in
+    /// increasing order, so it is the peak of the largest context so far).
+    pub peak_rss_bytes: u64,
+    pub cache_bytes: usize,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), 0 where unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for line in status.lines() {
+        if let Some(rest) = line.strip_prefix("VmHWM:") {
+            let kb: u64 = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            return kb * 1024;
+        }
+    }
+    0
+}
+
+pub fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Prefills `tokens[..context]`, then runs `decode_steps` greedy decode steps.
+pub fn bench_point(
+    model: &Model,
+    tokens: &[u32],
+    context: usize,
+    decode_steps: usize,
+) -> Result<BenchPoint> {
+    if tokens.len() < context {
+        bail!(
+            "benchmark text has {} tokens, context {context} needs more",
+            tokens.len()
+        );
+    }
+    let mut cache = model.new_cache(1, context + decode_steps + 1);
+    let ids = Tensor::new(&tokens[..context], &model.device)?.unsqueeze(0)?; // (1, context)
+    let t0 = Instant::now();
+    let logits = model.forward_last(&ids, &mut cache)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut next = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+    let mut step_secs = Vec::with_capacity(decode_steps);
+    for _ in 0..decode_steps {
+        let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?; // (1, 1)
+        let t = Instant::now();
+        let logits = model
+            .forward_last(&ids, &mut cache)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        step_secs.push(t.elapsed().as_secs_f64());
+        next = crate::generate::argmax(&logits);
+    }
+    Ok(BenchPoint {
+        context,
+        prefill_tok_s: context as f64 / prefill,
+        decode_tok_s: 1.0 / median(&mut step_secs),
+        peak_rss_bytes: peak_rss_bytes(),
+        cache_bytes: cache.bytes().total(),
+    })
+}
+
+/// Token ids of `text`, repeated until there are at least `n`.
+pub fn tokens_at_least(ids: &[u32], n: usize) -> Result<Vec<u32>> {
+    if ids.is_empty() {
+        bail!("benchmark text tokenizes to nothing");
+    }
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        out.extend_from_slice(ids);
+    }
+    out.truncate(n);
+    Ok(out)
+}
