@@ -249,6 +249,12 @@ pub struct AttentionInputs<'a> {
 const FAST_SCORE_BLOCK: usize = 1 << 24;
 
 pub fn attention(inp: AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+    attention_blocked(inp, FAST_SCORE_BLOCK)
+}
+
+/// `attention` with the fast path's score block (elements) given: tests use small blocks to
+/// exercise query chunking.
+pub fn attention_blocked(inp: AttentionInputs, score_block: usize) -> Result<(Tensor, Option<Tensor>)> {
     let (b, nh, t, hd) = inp.q.dims4()?;
     let (_, nkv, s, _) = inp.k.dims4()?;
     let g = nh / nkv;
@@ -276,7 +282,7 @@ pub fn attention(inp: AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
             // Query heads of one group are adjacent (head h reads KV head h / g), so the queries of
             // a group stack into the rows of one matrix and share a single K^T / V matmul.
             let q = inp.q.contiguous()?.reshape((b, nkv, g, t, hd))?;
-            let chunk = (FAST_SCORE_BLOCK / (b * nh * s).max(1)).clamp(1, t.max(1));
+            let chunk = (score_block / (b * nh * s).max(1)).clamp(1, t.max(1));
             let mut outs = Vec::with_capacity(t.div_ceil(chunk));
             let mut start = 0;
             while start < t {

@@ -81,7 +81,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let cfg = g.config()?;
         let w = g.weights(&cfg)?;
         let model = Model::load(&w, &cfg).with_context(|| format!("loading {}", path.display()))?;
-        let tokenizer = Some(Tokenizer::from_gguf(&g)?);
+        let tokenizer = Tokenizer::from_gguf(&g)?;
         Ok(LoadedModel {
             model,
             tokenizer,

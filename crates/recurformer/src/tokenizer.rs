@@ -76,8 +76,11 @@ impl Tokenizer {
         Ok(tok)
     }
 
-    /// Rebuilds the tokenizer from GGUF metadata.
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+    /// Rebuilds the tokenizer from GGUF metadata; None when the file carries no tokenizer.
+    pub fn from_gguf(g: &GgufFile) -> Result<Option<Self>> {
+        if g.meta("tokenizer.ggml.tokens").is_none() {
+            return Ok(None);
+        }
         let file = g.path.display().to_string();
         let model = g.meta_str("tokenizer.ggml.model")?.unwrap_or("");
         if model != "gpt2" {
@@ -191,13 +194,13 @@ impl Tokenizer {
         } else {
             None
         };
-        Ok(Tokenizer {
+        Ok(Some(Tokenizer {
             inner,
             chat_template: g.meta_str("tokenizer.chat_template")?.map(String::from),
             bos_token,
             eos_token,
             add_bos,
-        })
+        }))
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are matched whole.

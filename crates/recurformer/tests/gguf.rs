@@ -1,0 +1,171 @@
+//! GGUF loading: every supported quantisation dequantises within its precision, a GGUF written
+//! the way llama.cpp writes one (rows of W_q / W_k permuted for interleaved RoPE) reproduces the
+//! Hugging Face checkpoint it came from, and damaged files are refused with the culprit named.
+
+mod common;
+use anyhow::Result;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use common::*;
+use recurformer::config::ModelConfig;
+use recurformer::gguf::{permute_rows, GgufFile};
+use std::path::Path;
+
+fn write_gguf(path: &Path, meta: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &m, &t)?;
+    Ok(())
+}
+
+#[test]
+fn every_supported_type_dequantises_within_its_precision() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = Tensor::randn(0f32, 1., (4, 512), &Device::Cpu)?;
+    // Tolerances relative to max |x|: what each format's step size allows (4-bit: 1/16 of a block's
+    // range at worst, 6-bit 1/64, 8-bit 1/256, half floats ~1e-3 / 1e-2 relative).
+    let cases = [
+        (GgmlDType::F32, 0.0),
+        (GgmlDType::F16, 1e-3),
+        (GgmlDType::BF16, 1e-2),
+        (GgmlDType::Q8_0, 0.02),
+        (GgmlDType::Q4_0, 0.2),
+        (GgmlDType::Q4_1, 0.15),
+        (GgmlDType::Q4K, 0.15),
+        (GgmlDType::Q6K, 0.05),
+    ];
+    let tensors: Vec<(String, QTensor)> =
+        cases.iter().map(|(d, _)| Ok((format!("t_{d:?}"), QTensor::quantize(&src, *d)?))).collect::<Result<_>>()?;
+    let path = dir.path().join("types.gguf");
+    write_gguf(&path, &[("general.architecture", Value::String("llama".into()))], &tensors)?;
+    let g = GgufFile::open(&path)?;
+    let scale = src.abs()?.max_all()?.to_scalar::<f32>()?;
+    for (d, tol) in cases {
+        let got = g.tensor_f32(&format!("t_{d:?}"))?;
+        let err = max_abs_diff(&got, &src)? / scale;
+        println!("{d:?}: max error {err:.2e} of max |x|");
+        assert!(err <= tol, "{d:?}: error {err} > {tol}");
+    }
+    // A type we do not claim to support is refused, naming the tensor and the type.
+    let q2 = vec![("blk.0.attn_v.weight".to_string(), QTensor::quantize(&src, GgmlDType::Q2K)?)];
+    let p2 = dir.path().join("q2k.gguf");
+    write_gguf(&p2, &[("general.architecture", Value::String("llama".into()))], &q2)?;
+    let e = GgufFile::open(&p2)?.tensor_f32("blk.0.attn_v.weight").unwrap_err().to_string();
+    assert!(e.contains("blk.0.attn_v.weight") && e.contains("Q2K"), "{e}");
+    Ok(())
+}
+
+/// Writes the tiny Llama fixture as llama.cpp would: GGUF names, permuted W_q / W_k, metadata.
+fn tiny_llama_as_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
+    let cfg = ModelConfig::from_hf_file(&fixture("tiny-llama").join("config.json"))?;
+    let hf = candle_core::safetensors::load(fixture("tiny-llama").join("model.safetensors"), &Device::Cpu)?;
+    let mut tensors = vec![];
+    let mut names: Vec<&String> = hf.keys().collect();
+    names.sort();
+    for name in names {
+        let t = hf[name].to_dtype(candle_core::DType::F32)?;
+        let gname = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "lm_head.weight" => "output.weight".to_string(),
+            n => {
+                let rest = n.strip_prefix("model.layers.").unwrap();
+                let (l, m) = rest.split_once('.').unwrap();
+                let g = match m {
+                    "input_layernorm.weight" => "attn_norm.weight",
+                    "post_attention_layernorm.weight" => "ffn_norm.weight",
+                    "self_attn.q_proj.weight" => "attn_q.weight",
+                    "self_attn.k_proj.weight" => "attn_k.weight",
+                    "self_attn.v_proj.weight" => "attn_v.weight",
+                    "self_attn.o_proj.weight" => "attn_output.weight",
+                    "mlp.gate_proj.weight" => "ffn_gate.weight",
+                    "mlp.up_proj.weight" => "ffn_up.weight",
+                    "mlp.down_proj.weight" => "ffn_down.weight",
+                    other => panic!("unexpected tensor {other}"),
+                };
+                format!("blk.{l}.{g}")
+            }
+        };
+        let t = if gname.ends_with("attn_q.weight") {
+            permute_rows(&t, cfg.num_attention_heads)?
+        } else if gname.ends_with("attn_k.weight") {
+            permute_rows(&t, cfg.num_key_value_heads)?
+        } else {
+            t
+        };
+        // llama.cpp keeps 1-D tensors (norms) in f32.
+        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+        tensors.push((gname, QTensor::quantize(&t, d)?));
+    }
+    let factor = match cfg.rope_scaling {
+        Some(recurformer::config::RopeScaling::Linear { factor }) => factor,
+        _ => panic!("tiny-llama is expected to use linear rope scaling"),
+    };
+    let meta = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U32(cfg.num_hidden_layers as u32)),
+        ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
+        ("llama.feed_forward_length", Value::U32(cfg.intermediate_size as u32)),
+        ("llama.attention.head_count", Value::U32(cfg.num_attention_heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(cfg.num_key_value_heads as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
+        ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
+        ("llama.context_length", Value::U32(cfg.max_position_embeddings as u32)),
+        ("llama.rope.scaling.type", Value::String("linear".into())),
+        ("llama.rope.scaling.factor", Value::F32(factor as f32)),
+    ];
+    write_gguf(path, &meta, &tensors)
+}
+
+#[test]
+fn llama_cpp_style_gguf_reproduces_the_hf_checkpoint() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ids, expected) = tiny_expected("tiny-llama")?;
+    for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::F16, 2e-2)] {
+        let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
+        tiny_llama_as_gguf(&path, dtype)?;
+        let loaded = recurformer::loader::load(&path)?;
+        assert_eq!(loaded.format, recurformer::loader::SourceFormat::Gguf);
+        assert!(!loaded.model.cfg.tie_word_embeddings);
+        let m = &loaded.model;
+        let got = m.forward(&ids, &mut m.new_cache(1, 16))?;
+        let d = max_abs_diff(&got, &expected)?;
+        println!("{dtype:?} GGUF vs transformers: {d:.2e}");
+        assert!(d <= tol, "{dtype:?}: {d}");
+    }
+    // Without un-permuting, the same file would give different logits: the permutation matters.
+    let w = candle_core::safetensors::load(fixture("tiny-llama").join("model.safetensors"), &Device::Cpu)?;
+    let q = &w["model.layers.0.self_attn.q_proj.weight"];
+    assert!(max_abs_diff(&permute_rows(q, 4)?, q)? > 0.0);
+    Ok(())
+}
+
+#[test]
+fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let good = dir.path().join("good.gguf");
+    tiny_llama_as_gguf(&good, GgmlDType::F32)?;
+    let bytes = std::fs::read(&good)?;
+    // Truncated in the tensor data: the header reads, a tensor does not.
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000])?;
+    let e = format!("{:#}", recurformer::loader::load(&cut).err().expect("truncated file must fail"));
+    assert!(e.contains("cut.gguf") && e.contains("tensor"), "{e}");
+    // Truncated in the header.
+    std::fs::write(&cut, &bytes[..100])?;
+    let e = format!("{:#}", recurformer::loader::load(&cut).err().expect("truncated header must fail"));
+    assert!(e.contains("cut.gguf"), "{e}");
+    // Not a GGUF at all.
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, b"hello world, not a model")?;
+    let e = format!("{:#}", recurformer::loader::load(&junk).err().expect("junk must fail"));
+    assert!(e.contains("junk.bin"), "{e}");
+    // Unsupported architecture.
+    let other = dir.path().join("mamba.gguf");
+    write_gguf(&other, &[("general.architecture", Value::String("mamba".into()))], &[])?;
+    let e = format!("{:#}", recurformer::loader::load(&other).err().expect("mamba arch must fail"));
+    assert!(e.contains("mamba") && e.contains("not supported"), "{e}");
+    Ok(())
+}
