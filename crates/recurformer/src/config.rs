@@ -152,6 +152,9 @@ impl ModelConfig {
                 }
             }
         }
+        if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
+            bail!("mlp_bias: true is not supported (Llama-family MLPs without biases only)");
+        }
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
         let num_key_value_heads =

@@ -6,11 +6,13 @@
 pub mod bench;
 pub mod cache;
 pub mod config;
+pub mod decode_attention;
 pub mod generate;
 pub mod gguf;
 pub mod io;
 pub mod llama;
 pub mod loader;
+pub mod recency;
 pub mod tokenizer;
 pub mod weights;
 

@@ -245,6 +245,9 @@ pub struct AttentionInputs<'a> {
     pub want_probs: bool,
 }
 
+/// Up to this many new queries, the fast path uses the decode kernel (memory-bound regime).
+pub const DECODE_KERNEL_MAX_QUERIES: usize = 4;
+
 /// Largest score block (elements) the fast path materialises at once: 16M floats = 64 MB.
 const FAST_SCORE_BLOCK: usize = 1 << 24;
 
@@ -254,7 +257,10 @@ pub fn attention(inp: AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
 
 /// `attention` with the fast path's score block (elements) given: tests use small blocks to
 /// exercise query chunking.
-pub fn attention_blocked(inp: AttentionInputs, score_block: usize) -> Result<(Tensor, Option<Tensor>)> {
+pub fn attention_blocked(
+    inp: AttentionInputs,
+    score_block: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
     let (b, nh, t, hd) = inp.q.dims4()?;
     let (_, nkv, s, _) = inp.k.dims4()?;
     let g = nh / nkv;
@@ -278,6 +284,10 @@ pub fn attention_blocked(inp: AttentionInputs, score_block: usize) -> Result<(Te
         AttentionImpl::Fast => {
             if inp.want_probs {
                 bail!("the fast attention path does not return probabilities; use the eager path");
+            }
+            if t <= DECODE_KERNEL_MAX_QUERIES && inp.q.device().is_cpu() {
+                let out = crate::decode_attention::decode_attention(inp.q, inp.k, inp.v, scale)?;
+                return Ok((out, None));
             }
             // Query heads of one group are adjacent (head h reads KV head h / g), so the queries of
             // a group stack into the rows of one matrix and share a single K^T / V matmul.
@@ -342,7 +352,13 @@ impl Attention {
             k_proj: Linear::load(w, &format!("{prefix}.k_proj"), nkv * hd, d, bias)?,
             v_proj: Linear::load(w, &format!("{prefix}.v_proj"), nkv * hd, d, bias)?,
             // transformers' `attention_bias` also puts a bias on o_proj for Llama; Qwen2 never does.
-            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), d, nh * hd, false)?,
+            o_proj: Linear::load(
+                w,
+                &format!("{prefix}.o_proj"),
+                d,
+                nh * hd,
+                bias && cfg.architecture == crate::config::Architecture::Llama,
+            )?,
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,

@@ -62,6 +62,13 @@ impl Weights {
                 shape
             );
         }
+        if t.dtype() != DType::F32 {
+            bail!(
+                "tensor {name} in {} has dtype {:?}, expected a floating-point type",
+                self.where_(name),
+                t.dtype()
+            );
+        }
         self.used.borrow_mut().insert(name.to_string());
         Ok(t.clone())
     }

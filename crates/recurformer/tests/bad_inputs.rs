@@ -48,7 +48,10 @@ fn missing_extra_misshapen_and_mistyped_tensors() -> Result<()> {
 
     let d = copy_fixture("tiny-llama", &tmp.path().join("extra"))?;
     rewrite(&d, |t| {
-        t.insert("model.layers.1.self_attn.q_norm.weight".into(), Tensor::ones(4, DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "model.layers.1.self_attn.q_norm.weight".into(),
+            Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+        );
     })?;
     let e = load_err(&d);
     assert!(e.contains("q_norm") && e.contains("unexpected"), "{e}");
@@ -59,7 +62,10 @@ fn missing_extra_misshapen_and_mistyped_tensors() -> Result<()> {
         t.insert(Q.into(), w);
     })?;
     let e = load_err(&d);
-    assert!(e.contains(Q) && e.contains("[32, 64]") && e.contains("[64, 64]"), "{e}");
+    assert!(
+        e.contains(Q) && e.contains("[32, 64]") && e.contains("[64, 64]"),
+        "{e}"
+    );
 
     let d = copy_fixture("tiny-llama", &tmp.path().join("dtype"))?;
     rewrite(&d, |t| {
@@ -121,8 +127,18 @@ fn broken_files_and_configs() -> Result<()> {
 
     // A shard listed in the index but missing on disk.
     let d = copy_fixture("tiny-qwen2", &tmp.path().join("shards"))?;
-    let idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("model.safetensors.index.json"))?)?;
-    let shard = idx["weight_map"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string();
+    let idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        d.join("model.safetensors.index.json"),
+    )?)?;
+    let shard = idx["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
     std::fs::remove_file(d.join(&shard))?;
     let e = load_err(&d);
     assert!(e.contains(&shard) && e.contains("does not exist"), "{e}");

@@ -36,10 +36,16 @@ fn every_supported_type_dequantises_within_its_precision() -> Result<()> {
         (GgmlDType::Q4K, 0.15),
         (GgmlDType::Q6K, 0.05),
     ];
-    let tensors: Vec<(String, QTensor)> =
-        cases.iter().map(|(d, _)| Ok((format!("t_{d:?}"), QTensor::quantize(&src, *d)?))).collect::<Result<_>>()?;
+    let tensors: Vec<(String, QTensor)> = cases
+        .iter()
+        .map(|(d, _)| Ok((format!("t_{d:?}"), QTensor::quantize(&src, *d)?)))
+        .collect::<Result<_>>()?;
     let path = dir.path().join("types.gguf");
-    write_gguf(&path, &[("general.architecture", Value::String("llama".into()))], &tensors)?;
+    write_gguf(
+        &path,
+        &[("general.architecture", Value::String("llama".into()))],
+        &tensors,
+    )?;
     let g = GgufFile::open(&path)?;
     let scale = src.abs()?.max_all()?.to_scalar::<f32>()?;
     for (d, tol) in cases {
@@ -49,18 +55,34 @@ fn every_supported_type_dequantises_within_its_precision() -> Result<()> {
         assert!(err <= tol, "{d:?}: error {err} > {tol}");
     }
     // A type we do not claim to support is refused, naming the tensor and the type.
-    let q2 = vec![("blk.0.attn_v.weight".to_string(), QTensor::quantize(&src, GgmlDType::Q2K)?)];
+    let q2 = vec![(
+        "blk.0.attn_v.weight".to_string(),
+        QTensor::quantize(&src, GgmlDType::Q2K)?,
+    )];
     let p2 = dir.path().join("q2k.gguf");
-    write_gguf(&p2, &[("general.architecture", Value::String("llama".into()))], &q2)?;
-    let e = GgufFile::open(&p2)?.tensor_f32("blk.0.attn_v.weight").unwrap_err().to_string();
-    assert!(e.contains("blk.0.attn_v.weight") && e.contains("Q2K"), "{e}");
+    write_gguf(
+        &p2,
+        &[("general.architecture", Value::String("llama".into()))],
+        &q2,
+    )?;
+    let e = GgufFile::open(&p2)?
+        .tensor_f32("blk.0.attn_v.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("blk.0.attn_v.weight") && e.contains("Q2K"),
+        "{e}"
+    );
     Ok(())
 }
 
 /// Writes the tiny Llama fixture as llama.cpp would: GGUF names, permuted W_q / W_k, metadata.
 fn tiny_llama_as_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
     let cfg = ModelConfig::from_hf_file(&fixture("tiny-llama").join("config.json"))?;
-    let hf = candle_core::safetensors::load(fixture("tiny-llama").join("model.safetensors"), &Device::Cpu)?;
+    let hf = candle_core::safetensors::load(
+        fixture("tiny-llama").join("model.safetensors"),
+        &Device::Cpu,
+    )?;
     let mut tensors = vec![];
     let mut names: Vec<&String> = hf.keys().collect();
     names.sort();
@@ -105,14 +127,32 @@ fn tiny_llama_as_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
     };
     let meta = vec![
         ("general.architecture", Value::String("llama".into())),
-        ("llama.block_count", Value::U32(cfg.num_hidden_layers as u32)),
+        (
+            "llama.block_count",
+            Value::U32(cfg.num_hidden_layers as u32),
+        ),
         ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
-        ("llama.feed_forward_length", Value::U32(cfg.intermediate_size as u32)),
-        ("llama.attention.head_count", Value::U32(cfg.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv", Value::U32(cfg.num_key_value_heads as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
+        (
+            "llama.feed_forward_length",
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count",
+            Value::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(cfg.num_key_value_heads as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
         ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
-        ("llama.context_length", Value::U32(cfg.max_position_embeddings as u32)),
+        (
+            "llama.context_length",
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
         ("llama.rope.scaling.type", Value::String("linear".into())),
         ("llama.rope.scaling.factor", Value::F32(factor as f32)),
     ];
@@ -136,7 +176,10 @@ fn llama_cpp_style_gguf_reproduces_the_hf_checkpoint() -> Result<()> {
         assert!(d <= tol, "{dtype:?}: {d}");
     }
     // Without un-permuting, the same file would give different logits: the permutation matters.
-    let w = candle_core::safetensors::load(fixture("tiny-llama").join("model.safetensors"), &Device::Cpu)?;
+    let w = candle_core::safetensors::load(
+        fixture("tiny-llama").join("model.safetensors"),
+        &Device::Cpu,
+    )?;
     let q = &w["model.layers.0.self_attn.q_proj.weight"];
     assert!(max_abs_diff(&permute_rows(q, 4)?, q)? > 0.0);
     Ok(())
@@ -151,21 +194,45 @@ fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
     // Truncated in the tensor data: the header reads, a tensor does not.
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000])?;
-    let e = format!("{:#}", recurformer::loader::load(&cut).err().expect("truncated file must fail"));
+    let e = format!(
+        "{:#}",
+        recurformer::loader::load(&cut)
+            .err()
+            .expect("truncated file must fail")
+    );
     assert!(e.contains("cut.gguf") && e.contains("tensor"), "{e}");
     // Truncated in the header.
     std::fs::write(&cut, &bytes[..100])?;
-    let e = format!("{:#}", recurformer::loader::load(&cut).err().expect("truncated header must fail"));
+    let e = format!(
+        "{:#}",
+        recurformer::loader::load(&cut)
+            .err()
+            .expect("truncated header must fail")
+    );
     assert!(e.contains("cut.gguf"), "{e}");
     // Not a GGUF at all.
     let junk = dir.path().join("junk.bin");
     std::fs::write(&junk, b"hello world, not a model")?;
-    let e = format!("{:#}", recurformer::loader::load(&junk).err().expect("junk must fail"));
+    let e = format!(
+        "{:#}",
+        recurformer::loader::load(&junk)
+            .err()
+            .expect("junk must fail")
+    );
     assert!(e.contains("junk.bin"), "{e}");
     // Unsupported architecture.
     let other = dir.path().join("mamba.gguf");
-    write_gguf(&other, &[("general.architecture", Value::String("mamba".into()))], &[])?;
-    let e = format!("{:#}", recurformer::loader::load(&other).err().expect("mamba arch must fail"));
+    write_gguf(
+        &other,
+        &[("general.architecture", Value::String("mamba".into()))],
+        &[],
+    )?;
+    let e = format!(
+        "{:#}",
+        recurformer::loader::load(&other)
+            .err()
+            .expect("mamba arch must fail")
+    );
     assert!(e.contains("mamba") && e.contains("not supported"), "{e}");
     Ok(())
 }

@@ -29,7 +29,10 @@ fn tiny_logits_match_transformers() -> Result<()> {
         let d = max_abs_diff(&got, &expected)?;
         let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
         println!("{name}: max |ours - transformers| = {d:.3e} (logit scale {scale:.2})");
-        assert!(scale > 0.1, "{name}: fixture logits are too small to test anything");
+        assert!(
+            scale > 0.1,
+            "{name}: fixture logits are too small to test anything"
+        );
         assert!(d <= 1e-4, "{name}: logits differ by {d}");
     }
     Ok(())
@@ -39,16 +42,24 @@ fn tiny_logits_match_transformers() -> Result<()> {
 fn tiny_architectures_are_what_they_claim() -> Result<()> {
     let l = load("tiny-llama")?;
     assert!(!l.cfg.tie_word_embeddings && !l.cfg.attention_bias);
-    assert!(matches!(l.cfg.rope_scaling, Some(recurformer::config::RopeScaling::Linear { .. })));
+    assert!(matches!(
+        l.cfg.rope_scaling,
+        Some(recurformer::config::RopeScaling::Linear { .. })
+    ));
     let l3 = load("tiny-llama3")?;
     assert!(l3.cfg.tie_word_embeddings);
-    assert!(matches!(l3.cfg.rope_scaling, Some(recurformer::config::RopeScaling::Llama3 { .. })));
+    assert!(matches!(
+        l3.cfg.rope_scaling,
+        Some(recurformer::config::RopeScaling::Llama3 { .. })
+    ));
     let q = load("tiny-qwen2")?;
     assert_eq!(q.cfg.architecture, recurformer::config::Architecture::Qwen2);
     assert!(q.cfg.attention_bias);
     assert!(q.layers[0].self_attn.q_proj.bias.is_some());
     // The Qwen2 fixture is sharded.
-    assert!(fixture("tiny-qwen2").join("model.safetensors.index.json").exists());
+    assert!(fixture("tiny-qwen2")
+        .join("model.safetensors.index.json")
+        .exists());
     Ok(())
 }
 
@@ -58,8 +69,22 @@ fn fast_path_matches_eager_path() -> Result<()> {
         let m = load(name)?;
         let (ids, _) = tiny_expected(name)?;
         let fast = full_logits(&m, &ids, &ForwardOptions::default())?;
-        let eager = full_logits(&m, &ids, &ForwardOptions { attention: AttentionImpl::Eager, differentiable: false })?;
-        let diff = full_logits(&m, &ids, &ForwardOptions { attention: AttentionImpl::Eager, differentiable: true })?;
+        let eager = full_logits(
+            &m,
+            &ids,
+            &ForwardOptions {
+                attention: AttentionImpl::Eager,
+                differentiable: false,
+            },
+        )?;
+        let diff = full_logits(
+            &m,
+            &ids,
+            &ForwardOptions {
+                attention: AttentionImpl::Eager,
+                differentiable: true,
+            },
+        )?;
         let d1 = max_abs_diff(&fast, &eager)?;
         let d2 = max_abs_diff(&eager, &diff)?;
         println!("{name}: fast vs eager {d1:.2e}, eager vs differentiable ops {d2:.2e}");
@@ -75,7 +100,7 @@ fn cached_decode_matches_full_forward() -> Result<()> {
         let (ids, _) = tiny_expected(name)?;
         let t = ids.dim(1)?;
         let full = m.forward(&ids, &mut m.new_cache(1, t))?; // (1, t, v)
-        // Prefill 5 tokens, then pieces of 1, 3 and single tokens; capacity 2 forces regrowth.
+                                                             // Prefill 5 tokens, then pieces of 1, 3 and single tokens; capacity 2 forces regrowth.
         let mut cache = m.new_cache(1, 2);
         let mut pieces = vec![];
         let cuts = [0, 5, 6, 9];
@@ -91,7 +116,10 @@ fn cached_decode_matches_full_forward() -> Result<()> {
         assert!(d <= 1e-4, "{name}: cached decode differs by {d}");
         assert_eq!(cache.seq_len, t);
         let c = &m.cfg;
-        assert_eq!(cache.bytes().kv, 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * t);
+        assert_eq!(
+            cache.bytes().kv,
+            2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * t
+        );
         assert_eq!(cache.bytes().recurrent, 0);
     }
     Ok(())
@@ -107,9 +135,27 @@ fn long_prefill_chunks_queries_without_changing_results() -> Result<()> {
     let k = Tensor::randn(0f32, 1., (1, nkv, t + 7, hd), &dev)?;
     let v = Tensor::randn(0f32, 1., (1, nkv, t + 7, hd), &dev)?;
     let fast = ForwardOptions::default();
-    let eager = ForwardOptions { attention: AttentionImpl::Eager, differentiable: false };
-    let (a, _) = attention_blocked(AttentionInputs { q: &q, k: &k, v: &v, opts: &fast, want_probs: false }, nh * (t + 7) * 16)?;
-    let (b, p) = attention(AttentionInputs { q: &q, k: &k, v: &v, opts: &eager, want_probs: true })?;
+    let eager = ForwardOptions {
+        attention: AttentionImpl::Eager,
+        differentiable: false,
+    };
+    let (a, _) = attention_blocked(
+        AttentionInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            opts: &fast,
+            want_probs: false,
+        },
+        nh * (t + 7) * 16,
+    )?;
+    let (b, p) = attention(AttentionInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        opts: &eager,
+        want_probs: true,
+    })?;
     assert!(max_abs_diff(&a, &b)? <= 1e-5);
     // Probabilities: rows sum to one, and nothing above the causal diagonal (7 cached keys).
     let p = p.expect("eager returns probabilities"); // (1, nh, t, t+7)
@@ -117,5 +163,42 @@ fn long_prefill_chunks_queries_without_changing_results() -> Result<()> {
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
     let row0 = p.narrow(2, 0, 1)?.flatten_all()?.to_vec1::<f32>()?; // head 0, query 0: sees keys 0..=7
     assert!(row0[8..t + 7].iter().all(|&x| x == 0.0));
+    Ok(())
+}
+
+#[test]
+fn decode_kernel_matches_eager_across_key_blocks() -> Result<()> {
+    // 1300 cached keys span three of the kernel's 512-key blocks; 1 to 4 new queries use it.
+    use recurformer::llama::{attention, AttentionInputs, DECODE_KERNEL_MAX_QUERIES};
+    let dev = Device::Cpu;
+    let (nh, nkv, hd, s) = (6, 2, 16, 1300);
+    let cache_k = Tensor::randn(0f32, 2., (1, nkv, s + 50, hd), &dev)?; // a larger buffer, as in KvCache
+    let cache_v = Tensor::randn(0f32, 1., (1, nkv, s + 50, hd), &dev)?;
+    let (k, v) = (cache_k.narrow(2, 0, s)?, cache_v.narrow(2, 0, s)?);
+    for t in 1..=DECODE_KERNEL_MAX_QUERIES {
+        let q = Tensor::randn(0f32, 2., (1, nh, t, hd), &dev)?;
+        let fast = ForwardOptions::default();
+        let eager = ForwardOptions {
+            attention: AttentionImpl::Eager,
+            differentiable: false,
+        };
+        let (a, _) = attention(AttentionInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            opts: &fast,
+            want_probs: false,
+        })?;
+        let (b, _) = attention(AttentionInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            opts: &eager,
+            want_probs: false,
+        })?;
+        let d = max_abs_diff(&a, &b)?;
+        println!("t={t}: decode kernel vs eager {d:.2e}");
+        assert!(d <= 1e-5, "t={t}: {d}");
+    }
     Ok(())
 }

@@ -16,7 +16,11 @@ pub fn fixture(name: &str) -> PathBuf {
 /// The default model; tests that need it fail (not skip) when setup has not run.
 pub fn default_model() -> PathBuf {
     let p = recurformer::default_model_path();
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh first",
+        p.display()
+    );
     p
 }
 
@@ -28,8 +32,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// Reads `expected.safetensors` of a tiny fixture: (input_ids as u32 (1, t), logits (1, t, v)).
 pub fn tiny_expected(dir: &str) -> Result<(Tensor, Tensor)> {
     let p = fixture(dir).join("expected.safetensors");
-    let t = candle_core::safetensors::load(&p, &candle_core::Device::Cpu).with_context(|| format!("{}", p.display()))?;
-    let ids = t.get("input_ids").context("input_ids")?.to_dtype(candle_core::DType::U32)?;
+    let t = candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
+        .with_context(|| format!("{}", p.display()))?;
+    let ids = t
+        .get("input_ids")
+        .context("input_ids")?
+        .to_dtype(candle_core::DType::U32)?;
     let logits = t.get("logits").context("logits")?.clone();
     Ok((ids, logits))
 }
