@@ -3,9 +3,11 @@
 //! checkpoint loading (Hugging Face safetensors and GGUF), tokenizers, the decoder with its
 //! per-sequence cache, and generation.
 
+pub mod analyze;
 pub mod bench;
 pub mod cache;
 pub mod config;
+pub mod data;
 pub mod decode_attention;
 pub mod generate;
 pub mod gguf;

@@ -36,8 +36,17 @@ pub struct ForwardOptions {
     pub differentiable: bool,
 }
 
-/// Receives the attention probabilities (b, nh, t, s) of each layer on the eager path.
-pub type ProbsObserver<'a> = dyn FnMut(usize, &Tensor) -> Result<()> + 'a;
+/// What the eager path shows an observer for each layer.
+pub struct AttnObservation<'a> {
+    pub layer: usize,
+    /// Attention probabilities (b, nh, t, s).
+    pub probs: &'a Tensor,
+    /// The heads' outputs before o_proj (b, nh, t, hd).
+    pub heads_out: &'a Tensor,
+}
+
+/// Receives every layer's attention probabilities and head outputs on the eager path.
+pub type ProbsObserver<'a> = dyn FnMut(&AttnObservation) -> Result<()> + 'a;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -401,7 +410,11 @@ impl Attention {
             want_probs,
         })?;
         if let (Some(obs), Some(p)) = (ctx.observer.as_mut(), probs.as_ref()) {
-            obs(ctx.layer, p)?;
+            obs(&AttnObservation {
+                layer: ctx.layer,
+                probs: p,
+                heads_out: &o,
+            })?;
         }
         Ok(o.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (b, t, nh*hd)
     }

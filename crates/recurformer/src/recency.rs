@@ -260,3 +260,130 @@ pub fn group_stats(heads: &[HeadStats], group_size: usize) -> Vec<GroupStats> {
         })
         .collect()
 }
+
+/// Spearman rank correlation of two equally long score lists (average ranks for ties).
+pub fn spearman(a: &[f64], b: &[f64]) -> Result<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        bail!(
+            "spearman needs two lists of the same length >= 2 (got {} and {})",
+            a.len(),
+            b.len()
+        );
+    }
+    fn ranks(x: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..x.len()).collect();
+        idx.sort_by(|&i, &j| x[i].partial_cmp(&x[j]).unwrap_or(std::cmp::Ordering::Equal));
+        let mut r = vec![0.0; x.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && x[idx[j + 1]] == x[idx[i]] {
+                j += 1;
+            }
+            let avg = (i + j) as f64 / 2.0 + 1.0;
+            for k in i..=j {
+                r[idx[k]] = avg;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = a.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    if va == 0.0 || vb == 0.0 {
+        bail!("spearman is undefined when one list is constant");
+    }
+    Ok(cov / (va * vb).sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// Runs the accumulator over one head's (s x s) causal matrix given as rows.
+    fn stats_of(rows: Vec<Vec<f32>>, window: usize) -> HeadStats {
+        let s = rows.len();
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        let p = Tensor::from_vec(flat, (1, 1, s, s), &Device::Cpu).unwrap();
+        let mut acc = HeadAccumulator::new(1);
+        acc.add_probs(&p, window).unwrap();
+        acc.finish(0, 1).heads.remove(0)
+    }
+
+    fn matrix(s: usize, f: impl Fn(usize, usize) -> f32) -> Vec<Vec<f32>> {
+        (0..s)
+            .map(|t| (0..s).map(|j| if j <= t { f(t, j) } else { 0.0 }).collect())
+            .collect()
+    }
+
+    #[test]
+    fn closed_form_scores() {
+        let (s, w) = (64usize, 8usize);
+        // Pure diagonal: all mass on the query itself.
+        let d = stats_of(matrix(s, |t, j| (t == j) as u8 as f32), w);
+        assert!((d.recency - 1.0).abs() < 1e-9 && d.distance.abs() < 1e-9);
+        assert!(d.sink.abs() < 1e-9); // t >= w > 4, so the query is never a sink position
+                                      // Pure sink: all mass on position 0.
+        let k = stats_of(matrix(s, |_, j| (j == 0) as u8 as f32), w);
+        assert!(k.recency.abs() < 1e-9 && (k.sink - 1.0).abs() < 1e-9);
+        // distance = mean over t in [w, s) of t.
+        let mean_t = (w..s).map(|t| t as f64).sum::<f64>() / (s - w) as f64;
+        assert!((k.distance - mean_t).abs() < 1e-6);
+        // Uniform: recency = mean of w/(t+1), sink = mean of 4/(t+1), distance = mean of t/2.
+        let u = stats_of(matrix(s, |t, _| 1.0 / (t + 1) as f32), w);
+        let n = (s - w) as f64;
+        let er: f64 = (w..s).map(|t| w as f64 / (t + 1) as f64).sum::<f64>() / n;
+        let es: f64 = (w..s).map(|t| 4.0 / (t + 1) as f64).sum::<f64>() / n;
+        let ed: f64 = (w..s).map(|t| t as f64 / 2.0).sum::<f64>() / n;
+        assert!(
+            (u.recency - er).abs() < 1e-5
+                && (u.sink - es).abs() < 1e-5
+                && (u.distance - ed).abs() < 1e-3
+        );
+        // Exponential decay with ratio r: normalised weights r^(t-j); the last w keys hold
+        // (1 - r^w) / (1 - r^(t+1)) of the mass.
+        let r = 0.8f64;
+        let e = stats_of(
+            matrix(s, |t, j| {
+                (r.powi((t - j) as i32) * (1.0 - r) / (1.0 - r.powi(t as i32 + 1))) as f32
+            }),
+            w,
+        );
+        let ee: f64 = (w..s)
+            .map(|t| (1.0 - r.powi(w as i32)) / (1.0 - r.powi(t as i32 + 1)))
+            .sum::<f64>()
+            / n;
+        assert!((e.recency - ee).abs() < 1e-5, "{} vs {ee}", e.recency);
+    }
+
+    #[test]
+    fn groups_average_their_heads() {
+        let h = |head, recency| HeadStats {
+            head,
+            recency,
+            sink: 0.0,
+            distance: 0.0,
+            output_rms: 0.0,
+        };
+        let g = group_stats(&[h(0, 0.2), h(1, 0.4), h(2, 0.9), h(3, 0.7)], 2);
+        assert_eq!(g.len(), 2);
+        assert!((g[0].mean_recency - 0.3).abs() < 1e-12 && (g[0].min_recency - 0.2).abs() < 1e-12);
+        assert_eq!(g[1].heads, vec![2, 3]);
+    }
+
+    #[test]
+    fn spearman_known_values() {
+        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]).unwrap() - 1.0).abs() < 1e-12);
+        assert!((spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]).unwrap() + 1.0).abs() < 1e-12);
+        // Classic example: d^2 sum = 2 over n = 4 -> 1 - 6*2/(4*15) = 0.8.
+        assert!(
+            (spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 3.0, 2.0, 4.0]).unwrap() - 0.8).abs() < 1e-12
+        );
+        assert!(spearman(&[1.0], &[1.0]).is_err());
+    }
+}

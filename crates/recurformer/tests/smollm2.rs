@@ -174,9 +174,13 @@ fn fast_attention_matches_eager_on_the_real_model() -> Result<()> {
     assert!(d <= 1e-4, "{d}");
     // The eager path hands every layer's probabilities to an observer.
     let mut seen = vec![];
-    let mut obs = |layer: usize, p: &Tensor| -> Result<()> {
-        assert_eq!(p.dims(), &[1, m.cfg.num_attention_heads, 96, 96]);
-        seen.push(layer);
+    let mut obs = |o: &recurformer::llama::AttnObservation| -> Result<()> {
+        assert_eq!(o.probs.dims(), &[1, m.cfg.num_attention_heads, 96, 96]);
+        assert_eq!(
+            o.heads_out.dims(),
+            &[1, m.cfg.num_attention_heads, 96, m.cfg.head_dim]
+        );
+        seen.push(o.layer);
         Ok(())
     };
     let opts = ForwardOptions {
