@@ -303,6 +303,15 @@ summary() {
     log "all files verified ($(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s)"
 }
 
+# Figures (analyze, eval) render text with a TrueType font; Debian's fonts-dejavu-core provides one.
+step_fonts() {
+    if [[ -n "${RECURFORMER_FONT:-}" ]] || ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1; then
+        return 0
+    fi
+    log "installing fonts-dejavu-core (figure text)"
+    apt_get_install fonts-dejavu-core
+}
+
 main() {
     mkdir -p "$DATA"
     # One run at a time: a second concurrent run waits for the first.
@@ -313,6 +322,7 @@ main() {
     step_austen
     step_bible
     step_pg
+    step_fonts
     summary
 }
 

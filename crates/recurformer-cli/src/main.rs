@@ -7,6 +7,8 @@ use recurformer::tokenizer::ChatMessage;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
+mod plan_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "recurformer",
@@ -64,6 +66,9 @@ enum Command {
     /// sink mass, mean attention distance and output RMS on calibration text; writes recency.json
     /// and heatmap / distribution PNGs.
     Analyze(AnalyzeArgs),
+    /// Choose the KV groups to convert to Mamba (whole groups), by recency threshold or by the
+    /// fraction of groups to replace; writes plan.json and prints the predicted cache sizes.
+    Plan(plan_cmd::PlanArgs),
 }
 
 #[derive(Args)]
@@ -86,7 +91,8 @@ struct AnalyzeArgs {
     /// Seed for drawing the calibration windows.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output report.
+    /// Output report. The heatmap and the per-layer distribution are written beside it
+    /// (`<out stem>.png`, `<out stem>_distribution.png`).
     #[arg(long, default_value = "recency.json")]
     out: PathBuf,
 }
@@ -162,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate_cmd(args),
         Command::Bench(args) => bench_cmd(args),
         Command::Analyze(args) => analyze_cmd(args),
+        Command::Plan(args) => plan_cmd::run(args),
     }
 }
 
@@ -551,7 +558,21 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
         t0.elapsed().as_secs_f64(),
         human_bytes(recurformer::bench::peak_rss_bytes() as f64)
     );
-    println!("wrote {}", a.out.display());
+    let heat = a.out.with_extension("png");
+    let stem = a
+        .out
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "recency".into());
+    let dist = a.out.with_file_name(format!("{stem}_distribution.png"));
+    recurformer::plot::recency_heatmap(&report, &heat)?;
+    recurformer::plot::recency_distribution(&report, &dist)?;
+    println!(
+        "wrote {}, {}, {}",
+        a.out.display(),
+        heat.display(),
+        dist.display()
+    );
     // Most and least recency-aware groups, so the terminal shows the gist.
     let mut groups = report.group_scores();
     groups.sort_by(|x, y| y.2.partial_cmp(&x.2).unwrap_or(std::cmp::Ordering::Equal));

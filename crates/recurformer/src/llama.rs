@@ -12,6 +12,8 @@
 
 use crate::cache::{HybridCache, KvCache, LayerCache};
 use crate::config::{ModelConfig, RopeScaling};
+use crate::mamba::{MambaConfig, MambaMixer};
+use crate::plan::{LayerPlan, Plan};
 use crate::weights::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -341,35 +343,29 @@ pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
-    pub o_proj: Linear,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
 }
 
 impl Attention {
-    pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
-        let (d, nh, nkv, hd) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+    /// Loads q/k/v for `n_heads` query heads over `n_kv_heads` KV heads: all of them in a base
+    /// model, the kept ones in a hybrid (whose checkpoint stores only the kept rows).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        cfg: &ModelConfig,
+        n_heads: usize,
+        n_kv_heads: usize,
+    ) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Attention {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), nh * hd, d, bias)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), nkv * hd, d, bias)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), nkv * hd, d, bias)?,
-            // transformers' `attention_bias` also puts a bias on o_proj for Llama; Qwen2 never does.
-            o_proj: Linear::load(
-                w,
-                &format!("{prefix}.o_proj"),
-                d,
-                nh * hd,
-                bias && cfg.architecture == crate::config::Architecture::Llama,
-            )?,
-            n_heads: nh,
-            n_kv_heads: nkv,
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), n_heads * hd, d, bias)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), n_kv_heads * hd, d, bias)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), n_kv_heads * hd, d, bias)?,
+            n_heads,
+            n_kv_heads,
             head_dim: hd,
         })
     }
@@ -430,32 +426,125 @@ pub struct LayerCtx<'a, 'o> {
     pub observer: Option<&'a mut ProbsObserver<'o>>,
 }
 
+/// Which query heads of a layer stay softmax attention and which a Mamba mixer replaces
+/// (whole KV groups; see `plan.rs`). A base model keeps every head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSplit {
+    pub attention_heads: Vec<usize>,
+    pub mamba_heads: Vec<usize>,
+}
+
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
-    pub self_attn: Attention,
+    /// Softmax attention over the kept heads; None when the mixer replaced every group.
+    pub self_attn: Option<Attention>,
+    /// The Mamba mixer standing in for the replaced heads; None in a base model.
+    pub mixer: Option<MambaMixer>,
+    /// o_proj as stored in the checkpoint, (d, nh*hd), heads in their original order.
+    pub o_proj: Linear,
+    /// o_proj with its input columns reordered to [kept heads..., replaced heads...], the order in
+    /// which the forward concatenates attention and mixer outputs: one GEMM, no scatter.
+    o_proj_run: Linear,
+    pub split: HeadSplit,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
 }
 
 impl DecoderLayer {
-    pub fn load(w: &Weights, i: usize, cfg: &ModelConfig) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        i: usize,
+        cfg: &ModelConfig,
+        hybrid: Option<(&LayerPlan, &MambaSettings)>,
+    ) -> Result<Self> {
         let p = format!("model.layers.{i}");
+        let g = cfg.group_size();
+        let (split, kept_groups, mixer) = match hybrid {
+            None => (
+                HeadSplit {
+                    attention_heads: (0..cfg.num_attention_heads).collect(),
+                    mamba_heads: vec![],
+                },
+                cfg.num_key_value_heads,
+                None,
+            ),
+            Some((lp, ms)) => {
+                let mixer = if lp.mamba_groups.is_empty() {
+                    None
+                } else {
+                    let mc = ms.mamba_config(cfg, lp.mamba_groups.len());
+                    Some(
+                        MambaMixer::load(w, &format!("{p}.mixer"), &mc)
+                            .with_context(|| format!("layer {i} mixer"))?,
+                    )
+                };
+                (
+                    HeadSplit {
+                        attention_heads: lp.attention_heads.clone(),
+                        mamba_heads: lp.mamba_heads.clone(),
+                    },
+                    lp.attention_groups.len(),
+                    mixer,
+                )
+            }
+        };
+        let self_attn = if kept_groups == 0 {
+            None
+        } else {
+            Some(Attention::load(
+                w,
+                &format!("{p}.self_attn"),
+                cfg,
+                kept_groups * g,
+                kept_groups,
+            )?)
+        };
+        let (d, nh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim);
+        // transformers' `attention_bias` also puts a bias on o_proj for Llama; Qwen2 never does.
+        let o_bias = cfg.attention_bias && cfg.architecture == crate::config::Architecture::Llama;
+        let o_proj = Linear::load(w, &format!("{p}.self_attn.o_proj"), d, nh * hd, o_bias)?;
+        let o_proj_run = reorder_o_proj(&o_proj, &split, hd)?;
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::load(
                 w,
                 &format!("{p}.input_layernorm.weight"),
-                cfg.hidden_size,
+                d,
                 cfg.rms_norm_eps,
             )?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            self_attn,
+            mixer,
+            o_proj,
+            o_proj_run,
+            split,
             post_attention_layernorm: RmsNorm::load(
                 w,
                 &format!("{p}.post_attention_layernorm.weight"),
-                cfg.hidden_size,
+                d,
                 cfg.rms_norm_eps,
             )?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+
+    /// A layer of `base` with its heads split between `self_attn` and `mixer` (used by `convert`).
+    pub fn with_split(
+        base: &DecoderLayer,
+        self_attn: Option<Attention>,
+        mixer: Option<MambaMixer>,
+        split: HeadSplit,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let o_proj_run = reorder_o_proj(&base.o_proj, &split, head_dim)?;
+        Ok(DecoderLayer {
+            input_layernorm: base.input_layernorm.clone(),
+            self_attn,
+            mixer,
+            o_proj: base.o_proj.clone(),
+            o_proj_run,
+            split,
+            post_attention_layernorm: base.post_attention_layernorm.clone(),
+            mlp: base.mlp.clone(),
         })
     }
 
@@ -465,12 +554,83 @@ impl DecoderLayer {
         x: &Tensor,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
-        let kv = cache.kv.as_mut().context("layer cache has no KV part")?;
+        let (_, t, _) = x.dims3()?;
         let h = self.input_layernorm.forward(x, ctx.opts)?;
-        let a = self.self_attn.heads_forward(ctx, &h, kv)?;
-        let x = (x + self.self_attn.o_proj.forward(&a)?)?;
+        let mut parts = Vec::with_capacity(2);
+        if let Some(attn) = &self.self_attn {
+            let kv = cache
+                .kv
+                .as_mut()
+                .context("layer cache has no KV part for the kept heads")?;
+            parts.push(attn.heads_forward(ctx, &h, kv)?); // (b, t, kept*hd)
+        }
+        if let Some(mixer) = &self.mixer {
+            let state = cache
+                .recurrent
+                .as_mut()
+                .context("layer cache has no recurrent state for the mixer")?;
+            let y = if t == 1 {
+                mixer.step(&h, state)? // (b, 1, replaced*hd)
+            } else {
+                let (y, new_state) = mixer.forward_seq(&h, Some(state), ctx.opts)?; // (b, t, replaced*hd)
+                *state = new_state;
+                y
+            };
+            parts.push(y);
+        }
+        // (b, t, nh*hd), heads ordered [kept..., replaced...] to match o_proj_run's columns.
+        let o_in = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, 2)?
+        };
+        let x = (x + self.o_proj_run.forward(&o_in)?)?;
         let h = self.post_attention_layernorm.forward(&x, ctx.opts)?;
         Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+/// o_proj with input columns ordered [kept heads..., replaced heads...].
+fn reorder_o_proj(o: &Linear, split: &HeadSplit, hd: usize) -> Result<Linear> {
+    let nh = split.attention_heads.len() + split.mamba_heads.len();
+    let order: Vec<usize> = split
+        .attention_heads
+        .iter()
+        .chain(&split.mamba_heads)
+        .copied()
+        .collect();
+    if order.iter().copied().eq(0..nh) {
+        return Ok(o.clone());
+    }
+    let cols: Vec<u32> = order
+        .iter()
+        .flat_map(|&h| (h * hd..(h + 1) * hd).map(|c| c as u32))
+        .collect();
+    let idx = Tensor::new(cols.as_slice(), o.weight.device())?;
+    Ok(Linear {
+        weight: o.weight.index_select(&idx, 1)?,
+        bias: o.bias.clone(),
+    })
+}
+
+/// Mixer hyper-parameters shared by every layer of a hybrid (the `recurformer.mixer` section of
+/// config.json).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MambaSettings {
+    pub state_size: usize,
+    pub conv_kernel: usize,
+}
+
+impl MambaSettings {
+    pub fn mamba_config(&self, cfg: &ModelConfig, n_groups: usize) -> MambaConfig {
+        MambaConfig {
+            n_groups,
+            group_size: cfg.group_size(),
+            head_dim: cfg.head_dim,
+            state_size: self.state_size,
+            conv_kernel: self.conv_kernel,
+            d_model: cfg.hidden_size,
+        }
     }
 }
 
@@ -486,13 +646,25 @@ pub struct Model {
 }
 
 impl Model {
-    /// Builds the model from `weights`, checking every tensor's shape and that none is left over.
+    /// Builds the base model from `weights`, checking every tensor's shape and that none is left over.
     pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
+        Self::load_hybrid(w, cfg, None)
+    }
+
+    /// Builds a base model (`hybrid` None) or a RecurFormer whose layers follow `plan`.
+    pub fn load_hybrid(
+        w: &Weights,
+        cfg: &ModelConfig,
+        hybrid: Option<(&Plan, &MambaSettings)>,
+    ) -> Result<Self> {
         cfg.validate()?;
+        if let Some((plan, _)) = hybrid {
+            plan.validate(cfg)?;
+        }
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, d])?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(w, i, cfg))
+            .map(|i| DecoderLayer::load(w, i, cfg, hybrid.map(|(p, m)| (&p.layers[i], m))))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(w, "model.norm.weight", d, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -528,8 +700,13 @@ impl Model {
             n += self.lm_head.elem_count();
         }
         for l in &self.layers {
-            let a = &l.self_attn;
-            n += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj) + lin(&a.o_proj);
+            if let Some(a) = &l.self_attn {
+                n += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj);
+            }
+            if let Some(m) = &l.mixer {
+                n += m.params().iter().map(|p| p.elem_count()).sum::<usize>();
+            }
+            n += lin(&l.o_proj);
             n += lin(&l.mlp.gate_proj) + lin(&l.mlp.up_proj) + lin(&l.mlp.down_proj);
             n += l.input_layernorm.weight.elem_count()
                 + l.post_attention_layernorm.weight.elem_count();
@@ -543,13 +720,16 @@ impl Model {
             .layers
             .iter()
             .map(|l| LayerCache {
-                kv: Some(KvCache::new(
-                    batch,
-                    l.self_attn.n_kv_heads,
-                    l.self_attn.head_dim,
-                    capacity,
-                )),
-                recurrent: None,
+                kv: l
+                    .self_attn
+                    .as_ref()
+                    .map(|a| KvCache::new(batch, a.n_kv_heads, a.head_dim, capacity)),
+                // A zero state of a shape fixed by the validated config: only an out-of-memory
+                // condition can fail here.
+                recurrent: l.mixer.as_ref().map(|m| {
+                    m.new_state(batch, &self.device)
+                        .expect("allocating a zero recurrent state")
+                }),
             })
             .collect();
         HybridCache::new(layers, self.device.clone())

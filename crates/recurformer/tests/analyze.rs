@@ -10,12 +10,24 @@ use recurformer::recency::Calibration;
 #[test]
 fn scores_match_transformers_output_attentions() -> Result<()> {
     let loaded = recurformer::loader::load(&default_model())?;
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/recency_golden.json"))?)?;
-    let ids: Vec<u32> = golden["ids"].as_array().context("ids")?.iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(
+        "smollm2/recency_golden.json",
+    ))?)?;
+    let ids: Vec<u32> = golden["ids"]
+        .as_array()
+        .context("ids")?
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
     let window = golden["window"].as_u64().context("window")? as usize;
-    let report =
-        recurformer::analyze::analyze(&loaded.model, &[ids], window, Calibration::default(), "default", &mut |_| {})?;
+    let report = recurformer::analyze::analyze(
+        &loaded.model,
+        &[ids],
+        window,
+        Calibration::default(),
+        "default",
+        &mut |_| {},
+    )?;
     let (mut worst_r, mut worst_s, mut worst_d) = (0f64, 0f64, 0f64);
     for gl in golden["layers"].as_array().context("layers")? {
         let l = gl["layer"].as_u64().unwrap() as usize;
@@ -31,8 +43,14 @@ fn scores_match_transformers_output_attentions() -> Result<()> {
     println!("max |ours - transformers|: recency {worst_r:.2e}, sink {worst_s:.2e}, distance (relative) {worst_d:.2e}");
     assert!(worst_r <= 1e-4 && worst_s <= 1e-4 && worst_d <= 1e-4);
     // The scores discriminate: some heads are local, some are not.
-    let scores: Vec<f64> = report.layers.iter().flat_map(|l| l.heads.iter().map(|h| h.recency)).collect();
-    let (lo, hi) = scores.iter().fold((1f64, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    let scores: Vec<f64> = report
+        .layers
+        .iter()
+        .flat_map(|l| l.heads.iter().map(|h| h.recency))
+        .collect();
+    let (lo, hi) = scores
+        .iter()
+        .fold((1f64, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
     assert!(lo < 0.2 && hi > 0.8, "recency range {lo}..{hi}");
     Ok(())
 }
@@ -45,14 +63,24 @@ fn analysis_is_deterministic_and_in_range() -> Result<()> {
     let stream = token_stream(&docs, loaded.tokenizer()?, Some(2))?;
     let run = |seed| -> Result<recurformer::recency::RecencyReport> {
         let seqs = sample_windows(&stream, 2, 96, seed)?;
-        recurformer::analyze::analyze(&loaded.model, &seqs, 16, Calibration::default(), "default", &mut |_| {})
+        recurformer::analyze::analyze(
+            &loaded.model,
+            &seqs,
+            16,
+            Calibration::default(),
+            "default",
+            &mut |_| {},
+        )
     };
     let (a, b, c) = (run(5)?, run(5)?, run(6)?);
     assert_eq!(a, b);
     assert_ne!(a, c);
     for l in &a.layers {
         for h in &l.heads {
-            assert!((0.0..=1.0).contains(&h.recency) && (0.0..=1.0).contains(&h.sink), "{h:?}");
+            assert!(
+                (0.0..=1.0).contains(&h.recency) && (0.0..=1.0).contains(&h.sink),
+                "{h:?}"
+            );
             assert!(h.distance >= 0.0 && h.output_rms > 0.0, "{h:?}");
         }
         for g in &l.groups {

@@ -55,7 +55,13 @@ fn tiny_architectures_are_what_they_claim() -> Result<()> {
     let q = load("tiny-qwen2")?;
     assert_eq!(q.cfg.architecture, recurformer::config::Architecture::Qwen2);
     assert!(q.cfg.attention_bias);
-    assert!(q.layers[0].self_attn.q_proj.bias.is_some());
+    assert!(q.layers[0]
+        .self_attn
+        .as_ref()
+        .unwrap()
+        .q_proj
+        .bias
+        .is_some());
     // The Qwen2 fixture is sharded.
     assert!(fixture("tiny-qwen2")
         .join("model.safetensors.index.json")

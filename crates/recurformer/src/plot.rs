@@ -1,0 +1,598 @@
+//! PNG figures of a recency analysis: a layers x query-heads heatmap of the recency score and a
+//! per-layer plot of the score distribution, so a person sees at a glance which heads are local.
+//!
+//! Rendering: `plotters`' bitmap backend draws into an RGB buffer, the `png` crate encodes it, and
+//! [`crate::io::write_atomic`] writes it, so a figure is never left half-written. Text goes through
+//! `ab_glyph` (pure Rust) with a TrueType font read from the system at first use: set
+//! `RECURFORMER_FONT=/path/to/font.ttf` to choose one; otherwise common DejaVu / Liberation / Noto /
+//! FreeFont paths are tried (Debian: `apt-get install fonts-dejavu-core`).
+
+use crate::plan::{Plan, PlanShape};
+use crate::recency::RecencyReport;
+use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Font family name the figures use (registered by [`ensure_font`]).
+const FONT: &str = "sans-serif";
+
+/// Font files tried in order when `RECURFORMER_FONT` is not set.
+const FONT_CANDIDATES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+    "/usr/share/fonts/noto/NotoSans-Regular.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a TrueType font under [`FONT`] once per process.
+fn ensure_font() -> Result<()> {
+    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let candidates: Vec<String> = match std::env::var("RECURFORMER_FONT") {
+                Ok(p) if !p.is_empty() => vec![p],
+                _ => FONT_CANDIDATES.iter().map(|s| s.to_string()).collect(),
+            };
+            for p in &candidates {
+                if let Ok(bytes) = std::fs::read(p) {
+                    // plotters keeps fonts for the life of the process; leak once.
+                    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                    if plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_ok() {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(format!(
+                "no usable TrueType font for figure text: tried {} (set RECURFORMER_FONT to a \
+                 .ttf file, or install fonts-dejavu-core)",
+                candidates.join(", ")
+            ))
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Turns a plotters error (whose types are not `Send + Sync + 'static`) into an anyhow error.
+fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing failed: {e:?}")
+}
+
+/// Renders `size` pixels with `draw`, encodes a PNG, writes it atomically to `path`.
+fn render_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>,
+) -> Result<()> {
+    ensure_font()?;
+    let (w, h) = size;
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        draw(&root).with_context(|| format!("drawing {}", path.display()))?;
+        root.present().map_err(draw_err)?;
+    }
+    let mut png_bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png_bytes, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()
+            .and_then(|mut wr| wr.write_image_data(&rgb))
+            .with_context(|| format!("encoding {}", path.display()))?;
+    }
+    crate::io::write_atomic(path, &png_bytes)
+}
+
+/// Viridis (matplotlib's default colormap: perceptually uniform, readable in grey) at 9 stops,
+/// linearly interpolated. `v` is clamped to [0, 1].
+pub fn viridis(v: f64) -> RGBColor {
+    const STOPS: [(u8, u8, u8); 9] = [
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 81, 139),
+        (44, 113, 142),
+        (33, 144, 141),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ];
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let x = v * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let t = x - i as f64;
+    let mix = |a: u8, b: u8| (a as f64 + (b as f64 - a as f64) * t).round() as u8;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// Heatmap geometry, derived from the model shape so cells stay readable.
+struct HeatmapLayout {
+    cell_w: u32,
+    cell_h: u32,
+    left: u32,
+    top: u32,
+    bottom: u32,
+    bar: u32,
+}
+
+impl HeatmapLayout {
+    fn new(report: &RecencyReport) -> Self {
+        let nh = report.num_attention_heads.max(1) as u32;
+        let nl = report.num_layers.max(1) as u32;
+        HeatmapLayout {
+            cell_w: (720 / nh).clamp(10, 64),
+            cell_h: (720 / nl).clamp(8, 28),
+            left: 80,
+            top: 64,
+            bottom: 70,
+            bar: 130,
+        }
+    }
+
+    fn size(&self, report: &RecencyReport) -> (u32, u32) {
+        let nh = report.num_attention_heads as u32;
+        let nl = report.num_layers as u32;
+        (
+            (self.left + 8 + nh * self.cell_w + 20 + self.bar).max(560),
+            self.top + nl * self.cell_h + self.bottom,
+        )
+    }
+}
+
+/// Pixel size of the PNG [`recency_heatmap`] writes for `report`.
+pub fn heatmap_size(report: &RecencyReport) -> (u32, u32) {
+    HeatmapLayout::new(report).size(report)
+}
+
+/// Pixel size of the PNG [`recency_distribution`] writes for `report`.
+pub fn distribution_size(report: &RecencyReport) -> (u32, u32) {
+    let nl = report.num_layers.max(1) as u32;
+    // 36 px per layer for up to ~40 layers, narrower beyond so the figure stays under ~2000 px.
+    let layer_px = (1600 / nl).clamp(12, 36);
+    ((250 + layer_px * nl).max(760), 560)
+}
+
+/// `s` cut to its last `max_chars` characters (model paths are long; their end says most).
+fn keep_tail(s: &str, max_chars: usize) -> String {
+    let n = s.chars().count();
+    if n <= max_chars || max_chars < 4 {
+        return s.to_string();
+    }
+    let tail: String = s.chars().skip(n - (max_chars - 3)).collect();
+    format!("...{tail}")
+}
+
+fn check_report(report: &RecencyReport) -> Result<()> {
+    report.validate().context("recency report")?;
+    if report.num_layers == 0 {
+        bail!("recency report has no layers: nothing to plot");
+    }
+    Ok(())
+}
+
+/// How many labels to ask for on an axis of `n` cells of `cell_px` pixels, so that labels sit at
+/// least `min_px` apart (plotters then picks a round step).
+fn label_count(n: usize, cell_px: u32, min_px: u32) -> usize {
+    let fit = (n as u32 * cell_px / min_px.max(1)) as usize;
+    fit.clamp(2, n + 1)
+}
+
+/// Heatmap of recency scores: layers (y, layer 0 on top) x query heads (x), viridis colour with a
+/// colour bar, KV group boundaries as thick white separators, the score printed in each cell when
+/// it fits. Written atomically to `path` as PNG of [`heatmap_size`].
+pub fn recency_heatmap(report: &RecencyReport, path: &Path) -> Result<()> {
+    heatmap(report, None, path)
+}
+
+/// [`recency_heatmap`] with the groups that `plan` replaces framed in red.
+pub fn recency_heatmap_with_plan(report: &RecencyReport, plan: &Plan, path: &Path) -> Result<()> {
+    check_report(report)?;
+    if plan.shape != PlanShape::from_report(report) {
+        bail!(
+            "plan is for {:?}, the recency report for {:?}",
+            plan.shape,
+            PlanShape::from_report(report)
+        );
+    }
+    plan.validate_shape(
+        report.num_layers,
+        report.num_attention_heads,
+        report.num_key_value_heads,
+    )?;
+    heatmap(report, Some(plan), path)
+}
+
+fn heatmap(report: &RecencyReport, plan: Option<&Plan>, path: &Path) -> Result<()> {
+    check_report(report)?;
+    let lay = HeatmapLayout::new(report);
+    let size = lay.size(report);
+    let (nh, nl) = (report.num_attention_heads, report.num_layers);
+    let gs = nh / report.num_key_value_heads;
+    render_png(path, size, |root| {
+        let (main, bar) = root.split_horizontally(size.0 - lay.bar);
+        root.draw_text(
+            &format!("Recency score R(l,h), window w = {}", report.window),
+            &(FONT, 17).into_text_style(root),
+            (10, 8),
+        )
+        .map_err(draw_err)?;
+        let mut subtitle = report.model.clone();
+        if let Some(p) = plan {
+            subtitle.push_str(&format!(
+                "; red frames: {} of {} KV groups replaced by Mamba",
+                p.replaced_groups(),
+                nl * report.num_key_value_heads
+            ));
+        }
+        root.draw_text(
+            &keep_tail(&subtitle, (size.0 as usize - 20) / 7),
+            &(FONT, 13).into_text_style(root),
+            (10, 32),
+        )
+        .map_err(draw_err)?;
+
+        // Integer cell coordinates: head h spans x in [h, h+1], layer l spans y in [l, l+1] with
+        // layer 0 on top. Labels sit on cell edges, shifted by half a cell onto the centres.
+        let (nh_i, nl_i) = (nh as i32, nl as i32);
+        let mut chart = ChartBuilder::on(&main)
+            .margin_top(lay.top)
+            .margin_bottom(10)
+            .margin_left(8)
+            .margin_right(20)
+            .x_label_area_size(lay.bottom - 10)
+            .y_label_area_size(lay.left)
+            .build_cartesian_2d(0..nh_i, nl_i..0)
+            .map_err(draw_err)?;
+        let x_fmt = |v: &i32| {
+            if *v < nh_i {
+                v.to_string()
+            } else {
+                String::new()
+            }
+        };
+        let y_fmt = |v: &i32| {
+            if *v < nl_i {
+                v.to_string()
+            } else {
+                String::new()
+            }
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(label_count(nh, lay.cell_w, 22))
+            .y_labels(label_count(nl, lay.cell_h, 14))
+            .x_label_offset(lay.cell_w as i32 / 2)
+            .y_label_offset(lay.cell_h as i32 / 2)
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
+            .x_desc(format!(
+                "query head ({} KV groups of {gs} heads)",
+                report.num_key_value_heads
+            ))
+            .y_desc("layer")
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .draw()
+            .map_err(draw_err)?;
+
+        let cells = report.layers.iter().flat_map(|l| {
+            l.heads
+                .iter()
+                .map(move |h| (l.layer as i32, h.head as i32, h.recency))
+        });
+        chart
+            .draw_series(
+                cells
+                    .clone()
+                    .map(|(l, h, r)| Rectangle::new([(h, l), (h + 1, l + 1)], viridis(r).filled())),
+            )
+            .map_err(draw_err)?;
+        if lay.cell_w >= 34 && lay.cell_h >= 14 {
+            let font_px = (lay.cell_h as f64 * 0.55).clamp(9.0, 13.0);
+            let (dx, dy) = (lay.cell_w as i32 / 2, lay.cell_h as i32 / 2);
+            chart
+                .draw_series(cells.map(|(l, h, r)| {
+                    let colour: &'static RGBColor = if r < 0.6 { &WHITE } else { &BLACK };
+                    let style = TextStyle::from((FONT, font_px).into_font())
+                        .color(colour)
+                        .pos(Pos::new(HPos::Center, VPos::Center));
+                    EmptyElement::at((h, l)) + Text::new(format!("{r:.2}"), (dx, dy), style)
+                }))
+                .map_err(draw_err)?;
+        }
+        // KV group boundaries.
+        chart
+            .draw_series((1..report.num_key_value_heads).map(|g| {
+                let x = (g * gs) as i32;
+                PathElement::new(vec![(x, 0), (x, nl_i)], WHITE.stroke_width(3))
+            }))
+            .map_err(draw_err)?;
+        if let Some(p) = plan {
+            let frames = p.layers.iter().flat_map(|lp| {
+                lp.mamba_groups.iter().map(move |&g| {
+                    let (x0, x1) = ((g * gs) as i32, ((g + 1) * gs) as i32);
+                    let (y0, y1) = (lp.layer as i32, lp.layer as i32 + 1);
+                    PathElement::new(
+                        vec![(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)],
+                        RED.stroke_width(2),
+                    )
+                })
+            });
+            chart.draw_series(frames).map_err(draw_err)?;
+        }
+
+        // Colour bar.
+        let mut cb = ChartBuilder::on(&bar)
+            .margin_top(lay.top)
+            .margin_bottom(lay.bottom)
+            .margin_right(50)
+            .y_label_area_size(40)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(draw_err)?;
+        cb.configure_mesh()
+            .disable_mesh()
+            .disable_x_axis()
+            .y_labels(6)
+            .y_label_formatter(&|v| format!("{v:.1}"))
+            .label_style((FONT, 13))
+            .draw()
+            .map_err(draw_err)?;
+        const STEPS: usize = 200;
+        cb.draw_series((0..STEPS).map(|i| {
+            let (a, b) = (i as f64 / STEPS as f64, (i + 1) as f64 / STEPS as f64);
+            Rectangle::new([(0.0, a), (1.0, b)], viridis((a + b) / 2.0).filled())
+        }))
+        .map_err(draw_err)?;
+        bar.draw_text(
+            "recency",
+            &(FONT, 14).into_text_style(&bar),
+            (10, lay.top as i32 - 20),
+        )
+        .map_err(draw_err)?;
+        Ok(())
+    })
+}
+
+/// Per layer, every query head's recency score as a dot (coloured by KV group, spread sideways by
+/// head) and each group's mean as a bar: layers with local heads stand out as dots near 1.
+/// Written atomically to `path` as PNG of [`distribution_size`].
+pub fn recency_distribution(report: &RecencyReport, path: &Path) -> Result<()> {
+    check_report(report)?;
+    let size = distribution_size(report);
+    let (nh, nl, n_kv) = (
+        report.num_attention_heads,
+        report.num_layers,
+        report.num_key_value_heads,
+    );
+    let gs = nh / n_kv;
+    // Heads of a layer spread over [l - 0.35, l + 0.35].
+    let spread = 0.7;
+    let head_x = move |l: usize, h: usize| {
+        l as f64
+            + if nh > 1 {
+                (h as f64 / (nh - 1) as f64 - 0.5) * spread
+            } else {
+                0.0
+            }
+    };
+    render_png(path, size, |root| {
+        let layer_px = (size.0 - 250) / nl.max(1) as u32;
+        // Only whole layers are labelled (plotters picks round steps for f64 axes).
+        let x_fmt = |v: &f64| {
+            if (v - v.round()).abs() < 1e-6 && *v >= 0.0 {
+                format!("{}", v.round() as usize)
+            } else {
+                String::new()
+            }
+        };
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                format!(
+                    "Recency score per layer, window w = {} - {}",
+                    report.window, report.model
+                ),
+                (FONT, 16),
+            )
+            .margin(12)
+            .margin_right(165)
+            .x_label_area_size(45)
+            .y_label_area_size(55)
+            .build_cartesian_2d(-0.6f64..nl as f64 - 0.4, 0f64..1.02f64)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .light_line_style(WHITE)
+            .bold_line_style(RGBColor(225, 225, 225))
+            .x_desc("layer")
+            .y_desc(format!(
+                "recency score (mass on last {} keys)",
+                report.window
+            ))
+            .x_labels(label_count(nl, layer_px, 24))
+            .x_label_formatter(&x_fmt)
+            .y_labels(11)
+            .y_label_formatter(&|v| format!("{v:.1}"))
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .draw()
+            .map_err(draw_err)?;
+        for g in 0..n_kv {
+            let colour = Palette99::pick(g).to_rgba();
+            let dots = report.layers.iter().flat_map(move |l| {
+                l.heads
+                    .iter()
+                    .filter(move |h| h.head / gs == g)
+                    .map(move |h| {
+                        Circle::new((head_x(l.layer, h.head), h.recency), 3, colour.filled())
+                    })
+            });
+            chart.draw_series(dots).map_err(draw_err)?;
+            let means = report.layers.iter().map(move |l| {
+                let (x0, x1) = (head_x(l.layer, g * gs), head_x(l.layer, (g + 1) * gs - 1));
+                let m = l.groups[g].mean_recency;
+                PathElement::new(vec![(x0 - 0.04, m), (x1 + 0.04, m)], colour.stroke_width(3))
+            });
+            chart.draw_series(means).map_err(draw_err)?;
+        }
+        // Legend in the right margin, outside the data.
+        let (lx, ly) = (size.0 as i32 - 150, 60);
+        let text = (FONT, 12).into_text_style(root);
+        for g in 0..n_kv.min(24) {
+            let colour = Palette99::pick(g).to_rgba();
+            let y = ly + 18 * g as i32;
+            root.draw(&Circle::new((lx + 6, y + 6), 4, colour.filled()))
+                .map_err(draw_err)?;
+            let label = format!("group {g} (heads {}-{})", g * gs, (g + 1) * gs - 1);
+            root.draw_text(&label, &text, (lx + 16, y))
+                .map_err(draw_err)?;
+        }
+        let y = ly + 18 * n_kv.min(24) as i32 + 8;
+        root.draw_text("dot: query head", &text, (lx, y))
+            .map_err(draw_err)?;
+        root.draw_text("bar: group mean", &text, (lx, y + 18))
+            .map_err(draw_err)?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recency::{group_stats, Calibration, HeadStats, LayerStats};
+
+    /// Pseudo-random recency scores for `nl` layers, `nh` query heads over `n_kv` KV groups.
+    fn synthetic_shape(nl: usize, nh: usize, n_kv: usize) -> RecencyReport {
+        let layers = (0..nl)
+            .map(|l| {
+                let heads: Vec<HeadStats> = (0..nh)
+                    .map(|h| HeadStats {
+                        head: h,
+                        recency: ((l * nh + h) as f64 * 0.37).fract(),
+                        sink: 0.1,
+                        distance: 10.0,
+                        output_rms: 1.0,
+                    })
+                    .collect();
+                LayerStats {
+                    layer: l,
+                    groups: group_stats(&heads, nh / n_kv),
+                    heads,
+                }
+            })
+            .collect();
+        RecencyReport {
+            model: "synthetic-model".into(),
+            num_layers: nl,
+            num_attention_heads: nh,
+            num_key_value_heads: n_kv,
+            head_dim: 8,
+            window: 32,
+            sink_tokens: 4,
+            calibration: Calibration::default(),
+            layers,
+        }
+    }
+
+    fn synthetic() -> RecencyReport {
+        synthetic_shape(6, 6, 3)
+    }
+
+    /// Width and height from a PNG's IHDR chunk, after checking the signature.
+    fn png_size(path: &Path) -> (u32, u32) {
+        let b = std::fs::read(path).unwrap();
+        assert_eq!(
+            &b[..8],
+            b"\x89PNG\r\n\x1a\n",
+            "{} is not a PNG",
+            path.display()
+        );
+        assert_eq!(&b[12..16], b"IHDR");
+        let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        (be(16), be(20))
+    }
+
+    #[test]
+    fn figures_are_pngs_of_the_expected_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = synthetic();
+
+        let heat = dir.path().join("heatmap.png");
+        recency_heatmap(&r, &heat).unwrap();
+        assert_eq!(png_size(&heat), heatmap_size(&r));
+
+        let plan = Plan::by_fraction(&r, 0.5, 1).unwrap();
+        let framed = dir.path().join("heatmap_plan.png");
+        recency_heatmap_with_plan(&r, &plan, &framed).unwrap();
+        assert_eq!(png_size(&framed), heatmap_size(&r));
+        // The frames change pixels.
+        assert_ne!(
+            std::fs::read(&heat).unwrap(),
+            std::fs::read(&framed).unwrap()
+        );
+
+        let dist = dir.path().join("distribution.png");
+        recency_distribution(&r, &dist).unwrap();
+        assert_eq!(png_size(&dist), distribution_size(&r));
+
+        // The default model's shape (30 layers, 9 query heads over 3 KV groups).
+        let smol = synthetic_shape(30, 9, 3);
+        let smol_heat = dir.path().join("smol_heatmap.png");
+        let smol_plan = Plan::by_fraction(&smol, 0.5, 1).unwrap();
+        recency_heatmap_with_plan(&smol, &smol_plan, &smol_heat).unwrap();
+        assert_eq!(png_size(&smol_heat), heatmap_size(&smol));
+        let smol_dist = dir.path().join("smol_distribution.png");
+        recency_distribution(&smol, &smol_dist).unwrap();
+        assert_eq!(png_size(&smol_dist), distribution_size(&smol));
+
+        // No temporary files left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        // Set RECURFORMER_KEEP_FIGURES=DIR to look at the figures.
+        if let Ok(keep) = std::env::var("RECURFORMER_KEEP_FIGURES") {
+            for n in &names {
+                std::fs::copy(dir.path().join(n), Path::new(&keep).join(n)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn plan_of_another_shape_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = synthetic();
+        let mut other = r.clone();
+        other.num_layers = 5;
+        other.layers.pop();
+        let plan = Plan::by_threshold(&other, 0.5, 0).unwrap();
+        let e = recency_heatmap_with_plan(&r, &plan, &dir.path().join("x.png")).unwrap_err();
+        assert!(format!("{e:#}").contains("num_layers: 5"), "{e:#}");
+    }
+
+    #[test]
+    fn viridis_ends() {
+        assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
+        assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
+        assert_eq!(viridis(2.0), viridis(1.0));
+        assert_eq!(viridis(f64::NAN), viridis(0.0));
+    }
+}
