@@ -69,6 +69,9 @@ enum Command {
     /// Choose the KV groups to convert to Mamba (whole groups), by recency threshold or by the
     /// fraction of groups to replace; writes plan.json and prints the predicted cache sizes.
     Plan(plan_cmd::PlanArgs),
+    /// Compare two recency reports of one model (e.g. two calibration corpora): Spearman
+    /// correlation of the scores and how the chosen groups change.
+    RecencyDiff(plan_cmd::RecencyDiffArgs),
 }
 
 #[derive(Args)]
@@ -169,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench_cmd(args),
         Command::Analyze(args) => analyze_cmd(args),
         Command::Plan(args) => plan_cmd::run(args),
+        Command::RecencyDiff(args) => plan_cmd::recency_diff(args),
     }
 }
 

@@ -106,3 +106,86 @@ pub fn run(args: PlanArgs) -> Result<()> {
     println!("wrote {}", args.out.display());
     Ok(())
 }
+
+/// `recurformer recency-diff`: how stable the scores and the chosen groups are between two
+/// calibration sets.
+#[derive(Args)]
+pub struct RecencyDiffArgs {
+    /// First recency report (e.g. from Austen).
+    pub a: PathBuf,
+    /// Second recency report of the same model (e.g. from the essays).
+    pub b: PathBuf,
+    /// Replacement fractions at which to compare the chosen group sets.
+    #[arg(long, num_args = 1.., default_values_t = [0.25, 0.5, 0.75])]
+    pub fractions: Vec<f64>,
+    /// Minimum attention groups kept per layer for those plans.
+    #[arg(long, default_value_t = 0)]
+    pub min_attention_groups_per_layer: usize,
+}
+
+pub fn recency_diff(args: RecencyDiffArgs) -> Result<()> {
+    use recurformer::recency::{spearman, RecencyReport};
+    let a = RecencyReport::load(&args.a)?;
+    let b = RecencyReport::load(&args.b)?;
+    if (a.num_layers, a.num_attention_heads, a.num_key_value_heads)
+        != (b.num_layers, b.num_attention_heads, b.num_key_value_heads)
+    {
+        anyhow::bail!(
+            "{} and {} are for different model shapes ({}x{} heads vs {}x{})",
+            args.a.display(),
+            args.b.display(),
+            a.num_layers,
+            a.num_attention_heads,
+            b.num_layers,
+            b.num_attention_heads
+        );
+    }
+    let ga: Vec<f64> = a.group_scores().iter().map(|g| g.2).collect();
+    let gb: Vec<f64> = b.group_scores().iter().map(|g| g.2).collect();
+    let heads = |r: &RecencyReport| -> Vec<f64> {
+        r.layers
+            .iter()
+            .flat_map(|l| l.heads.iter().map(|h| h.recency))
+            .collect()
+    };
+    println!(
+        "Spearman rank correlation, KV-group mean recency ({} groups): {:.4}",
+        ga.len(),
+        spearman(&ga, &gb)?
+    );
+    println!(
+        "Spearman rank correlation, query-head recency ({} heads):  {:.4}",
+        heads(&a).len(),
+        spearman(&heads(&a), &heads(&b))?
+    );
+    println!(
+        "{:>9} {:>9} {:>9} {:>8} {:>8}",
+        "fraction", "replaced", "common", "changed", "jaccard"
+    );
+    for &f in &args.fractions {
+        let pa = recurformer::plan::Plan::by_fraction(&a, f, args.min_attention_groups_per_layer)?;
+        let pb = recurformer::plan::Plan::by_fraction(&b, f, args.min_attention_groups_per_layer)?;
+        let set = |p: &recurformer::plan::Plan| -> std::collections::BTreeSet<(usize, usize)> {
+            p.layers
+                .iter()
+                .flat_map(|l| l.mamba_groups.iter().map(move |&g| (l.layer, g)))
+                .collect()
+        };
+        let (sa, sb) = (set(&pa), set(&pb));
+        let common = sa.intersection(&sb).count();
+        let union = sa.union(&sb).count();
+        println!(
+            "{:>9.2} {:>9} {:>9} {:>8} {:>8.3}",
+            f,
+            sa.len(),
+            common,
+            sa.len() - common,
+            if union == 0 {
+                1.0
+            } else {
+                common as f64 / union as f64
+            }
+        );
+    }
+    Ok(())
+}
