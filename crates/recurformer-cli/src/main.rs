@@ -72,6 +72,31 @@ enum Command {
     /// Compare two recency reports of one model (e.g. two calibration corpora): Spearman
     /// correlation of the scores and how the chosen groups change.
     RecencyDiff(plan_cmd::RecencyDiffArgs),
+    /// Convert a base model into a RecurFormer checkpoint following a plan: replaced KV groups lose
+    /// their q/k/v rows and gain a Mamba mixer (initialised from those rows, or randomly).
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// plan.json from `recurformer plan`.
+    #[arg(long)]
+    plan: PathBuf,
+    /// recency.json from `recurformer analyze` (decay and output scale of the attention init);
+    /// defaults to the report the plan was made from.
+    #[arg(long)]
+    recency: Option<PathBuf>,
+    /// Mixer initialisation: `attention` (from the replaced heads' W_q/W_k/W_v) or `random`.
+    #[arg(long, default_value = "attention")]
+    init: String,
+    /// Seed for random initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -173,6 +198,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Analyze(args) => analyze_cmd(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::RecencyDiff(args) => plan_cmd::recency_diff(args),
+        Command::Convert(args) => convert_cmd(args),
     }
 }
 
@@ -197,7 +223,7 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
     let loaded = recurformer::loader::load(&path)?;
     let m = &loaded.model;
     let c = &m.cfg;
-    let per_tok = c.kv_bytes_per_token();
+    let (per_tok, state_bytes) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
     let v = serde_json::json!({
         "path": path.display().to_string(),
         "format": format!("{:?}", loaded.format),
@@ -216,7 +242,14 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
         "tie_word_embeddings": c.tie_word_embeddings,
         "attention_bias": c.attention_bias,
         "kv_cache_bytes_per_token_f32": per_tok,
-        "recurrent_state_bytes": 0,
+        "recurrent_state_bytes": state_bytes,
+        "base_kv_cache_bytes_per_token_f32": c.kv_bytes_per_token(),
+        "recurformer": m.recurformer.as_ref().map(|s| serde_json::json!({
+            "replaced_groups": s.plan.replaced_groups(),
+            "kept_groups": s.plan.kept_groups(),
+            "init": s.init,
+            "base_model": s.provenance.base_model,
+        })),
         "chat_template": loaded.tokenizer.as_ref().map(|t| t.chat_template.is_some()),
     });
     if json {
@@ -256,11 +289,36 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
             "untied"
         }
     );
-    println!("KV cache (f32)   {} per token", human_bytes(per_tok as f64));
-    for n in [1024usize, 8192, 32768, 131072] {
-        println!("  at {:>6} tok  {}", n, human_bytes((per_tok * n) as f64));
+    if let Some(s) = &m.recurformer {
+        println!(
+            "RecurFormer      {} of {} KV groups replaced by Mamba mixers ({} init), base {}",
+            s.plan.replaced_groups(),
+            s.plan.kept_groups() + s.plan.replaced_groups(),
+            match s.init {
+                recurformer::hybrid::Init::Attention => "attention",
+                recurformer::hybrid::Init::Random => "random",
+            },
+            s.provenance.base_model
+        );
     }
-    println!("recurrent state  0 B (no Mamba mixers)");
+    println!(
+        "KV cache (f32)   {} per token (base model: {})",
+        human_bytes(per_tok as f64),
+        human_bytes(c.kv_bytes_per_token() as f64)
+    );
+    println!(
+        "recurrent state  {} per sequence, constant",
+        human_bytes(state_bytes as f64)
+    );
+    for n in [1024usize, 8192, 32768, 131072] {
+        let total = per_tok * n + state_bytes;
+        println!(
+            "  at {:>6} tok  {} ({:.3} of the base model's KV cache)",
+            n,
+            human_bytes(total as f64),
+            total as f64 / (c.kv_bytes_per_token() * n) as f64
+        );
+    }
     Ok(())
 }
 
@@ -593,6 +651,57 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
     println!(
         "least recency-aware KV groups: {}",
         show(&groups[groups.len().saturating_sub(8)..])
+    );
+    Ok(())
+}
+
+fn convert_cmd(a: ConvertArgs) -> Result<()> {
+    use recurformer::hybrid::{convert, save_checkpoint, ConvertOptions, Init, Provenance};
+    a.model.apply_threads();
+    let path = a.model.path();
+    let loaded = recurformer::loader::load(&path)?;
+    let plan = recurformer::plan::Plan::load(&a.plan, &loaded.model.cfg)?;
+    let recency_path = a
+        .recency
+        .clone()
+        .or_else(|| plan.rule.recency_file.as_ref().map(PathBuf::from));
+    let recency = match &recency_path {
+        Some(p) => Some(recurformer::recency::RecencyReport::load(p)?),
+        None => None,
+    };
+    let init = match a.init.as_str() {
+        "attention" => Init::Attention,
+        "random" => Init::Random,
+        other => anyhow::bail!("--init {other:?}: expected attention or random"),
+    };
+    let provenance = Provenance {
+        base_model: path.display().to_string(),
+        recency: recency_path.map(|p| p.display().to_string()),
+        plan_file: Some(a.plan.display().to_string()),
+        seed: a.seed,
+        recurformer_version: env!("CARGO_PKG_VERSION").to_string(),
+        training: vec![],
+    };
+    let hybrid = convert(
+        &loaded.model,
+        &ConvertOptions {
+            plan: &plan,
+            recency: recency.as_ref(),
+            init,
+            seed: a.seed,
+            provenance,
+        },
+    )?;
+    save_checkpoint(&hybrid, loaded.tokenizer.as_ref(), &a.out)?;
+    let (kv, state) = recurformer::hybrid::cache_bytes_per_token_and_state(&hybrid);
+    println!(
+        "wrote {}: {} of {} KV groups replaced, KV {} per token (base {}), recurrent state {}",
+        a.out.display(),
+        plan.replaced_groups(),
+        plan.kept_groups() + plan.replaced_groups(),
+        human_bytes(kv as f64),
+        human_bytes(loaded.model.cfg.kv_bytes_per_token() as f64),
+        human_bytes(state as f64)
     );
     Ok(())
 }

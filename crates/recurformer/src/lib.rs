@@ -11,6 +11,7 @@ pub mod data;
 pub mod decode_attention;
 pub mod generate;
 pub mod gguf;
+pub mod hybrid;
 pub mod io;
 pub mod llama;
 pub mod loader;

@@ -12,8 +12,9 @@
 
 use crate::cache::{HybridCache, KvCache, LayerCache};
 use crate::config::{ModelConfig, RopeScaling};
+use crate::hybrid::RecurformerSection;
 use crate::mamba::{MambaConfig, MambaMixer};
-use crate::plan::{LayerPlan, Plan};
+use crate::plan::LayerPlan;
 use crate::weights::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -637,6 +638,8 @@ impl MambaSettings {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
+    /// Plan, mixer settings and provenance of a RecurFormer; None for a base model.
+    pub recurformer: Option<RecurformerSection>,
     pub embed_tokens: Tensor, // (v, d)
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
@@ -651,16 +654,19 @@ impl Model {
         Self::load_hybrid(w, cfg, None)
     }
 
-    /// Builds a base model (`hybrid` None) or a RecurFormer whose layers follow `plan`.
+    /// Builds a base model (`section` None) or a RecurFormer whose layers follow the section's plan.
     pub fn load_hybrid(
         w: &Weights,
         cfg: &ModelConfig,
-        hybrid: Option<(&Plan, &MambaSettings)>,
+        section: Option<&RecurformerSection>,
     ) -> Result<Self> {
         cfg.validate()?;
-        if let Some((plan, _)) = hybrid {
-            plan.validate(cfg)?;
+        if let Some(s) = section {
+            s.plan
+                .validate(cfg)
+                .context("the plan in config.json does not fit the model")?;
         }
+        let hybrid = section.map(|s| (&s.plan, &s.mixer));
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, d])?;
         let layers = (0..cfg.num_hidden_layers)
@@ -683,6 +689,7 @@ impl Model {
         let device = embed_tokens.device().clone();
         Ok(Model {
             cfg: cfg.clone(),
+            recurformer: section.cloned(),
             embed_tokens,
             layers,
             norm,

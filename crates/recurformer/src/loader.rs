@@ -2,6 +2,7 @@
 
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
+use crate::hybrid::RecurformerSection;
 use crate::llama::Model;
 use crate::tokenizer::Tokenizer;
 use crate::weights;
@@ -63,8 +64,13 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             bail!("{} is a directory without config.json", path.display());
         }
         let cfg = ModelConfig::from_hf_file(&cfg_path)?;
+        let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
+            .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let section = RecurformerSection::from_config_json(&raw)
+            .with_context(|| format!("in {}", cfg_path.display()))?;
         let w = weights::load_hf_dir(path)?;
-        let model = Model::load(&w, &cfg).with_context(|| format!("loading {}", path.display()))?;
+        let model = Model::load_hybrid(&w, &cfg, section.as_ref())
+            .with_context(|| format!("loading {}", path.display()))?;
         let tokenizer = if path.join("tokenizer.json").exists() {
             Some(Tokenizer::from_hf_dir(path)?)
         } else {

@@ -67,6 +67,15 @@ impl Tokenizer {
                 }
             };
             tok.bos_token = token_str("bos_token");
+            // A tokenizer.json without a post-processor cannot add BOS itself; honour the flag.
+            if v.get("add_bos_token").and_then(|b| b.as_bool()) == Some(true)
+                && tok.inner.get_post_processor().is_none()
+            {
+                tok.add_bos = tok
+                    .bos_token
+                    .as_deref()
+                    .and_then(|b| tok.inner.token_to_id(b));
+            }
             tok.eos_token = token_str("eos_token");
             tok.chat_template = v
                 .get("chat_template")
@@ -201,6 +210,25 @@ impl Tokenizer {
             eos_token,
             add_bos,
         }))
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (chat template, special tokens) into
+    /// `dir`, so a checkpoint directory is self-contained.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let p = dir.join("tokenizer.json");
+        self.inner
+            .save(&p, false)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
+        let cfg = serde_json::json!({
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos_token": self.add_bos.is_some(),
+        });
+        crate::io::write_atomic(
+            &dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&cfg)?.as_bytes(),
+        )
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are matched whole.
