@@ -69,6 +69,15 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let section = RecurformerSection::from_config_json(&raw)
             .with_context(|| format!("in {}", cfg_path.display()))?;
         let w = weights::load_hf_dir(path)?;
+        if section.is_none() {
+            if let Some(n) = w.names().find(|n| n.contains(".mixer.")) {
+                bail!(
+                    "{} holds Mamba mixer tensors ({n}, ...) but config.json has no `recurformer` section: \
+                     the plan that says which heads they replace is missing",
+                    path.display()
+                );
+            }
+        }
         let model = Model::load_hybrid(&w, &cfg, section.as_ref())
             .with_context(|| format!("loading {}", path.display()))?;
         let tokenizer = if path.join("tokenizer.json").exists() {

@@ -104,6 +104,8 @@ impl PlanShape {
 pub enum Selection {
     /// Nothing replaced ([`Plan::empty`]).
     None,
+    /// Groups listed by hand ([`Plan::from_groups`]).
+    Manual,
     /// Replace a group iff its mean recency >= `tau`.
     Threshold { tau: f64 },
     /// Replace the `requested_groups` = round(`replace_fraction` * total groups) highest-scoring
@@ -230,6 +232,28 @@ impl Plan {
             recency_model: None,
         };
         Self::from_mamba_sets(shape, rule, &vec![Vec::new(); shape.num_layers])
+    }
+
+    /// A plan replacing exactly `mamba[l]` (KV group indices) in each layer l; validated.
+    pub fn from_groups(cfg: &ModelConfig, mamba: &[Vec<usize>]) -> Result<Self> {
+        let shape = PlanShape::from_config(cfg);
+        if mamba.len() != shape.num_layers {
+            bail!(
+                "plan lists groups for {} layers, the model has {}",
+                mamba.len(),
+                shape.num_layers
+            );
+        }
+        let rule = PlanRule {
+            selection: Selection::Manual,
+            min_attention_groups_per_layer: 0,
+            window: None,
+            recency_file: None,
+            recency_model: None,
+        };
+        let plan = Self::from_mamba_sets(shape, rule, mamba);
+        plan.validate(cfg)?;
+        Ok(plan)
     }
 
     /// Replaces every group whose mean recency is >= `tau`, then keeps at least `min_keep`

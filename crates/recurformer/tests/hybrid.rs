@@ -1,0 +1,303 @@
+//! RecurFormer checkpoints: conversion, save/load, the hybrid cache, and damaged checkpoints.
+
+mod common;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use common::*;
+use recurformer::hybrid::{convert, save_checkpoint, ConvertOptions, Init, Provenance};
+use recurformer::llama::Model;
+use recurformer::plan::Plan;
+use recurformer::recency::{Calibration, RecencyReport};
+use std::path::Path;
+
+fn provenance() -> Provenance {
+    Provenance {
+        base_model: "test".into(),
+        recency: None,
+        plan_file: None,
+        seed: 0,
+        recurformer_version: "test".into(),
+        training: vec![],
+    }
+}
+
+fn report_for(m: &Model, ids: &[u32], window: usize) -> Result<RecencyReport> {
+    recurformer::analyze::analyze(
+        m,
+        &[ids.to_vec()],
+        window,
+        Calibration::default(),
+        "test",
+        &mut |_| {},
+    )
+}
+
+fn hybrid(m: &Model, plan: &Plan, recency: Option<&RecencyReport>, init: Init) -> Result<Model> {
+    convert(
+        m,
+        &ConvertOptions {
+            plan,
+            recency,
+            init,
+            seed: 3,
+            provenance: provenance(),
+        },
+    )
+}
+
+fn logits(m: &Model, ids: &Tensor) -> Result<Tensor> {
+    m.forward(ids, &mut m.new_cache(1, ids.dim(1)?))
+}
+
+/// Full forward vs prefill of `prefill` tokens then pieces of 3 and single tokens.
+fn cached_vs_full(m: &Model, ids: &Tensor, prefill: usize) -> Result<f32> {
+    let t = ids.dim(1)?;
+    let full = logits(m, ids)?;
+    let mut cache = m.new_cache(1, 2);
+    let mut parts = vec![m.forward(&ids.narrow(1, 0, prefill)?, &mut cache)?];
+    let mut i = prefill;
+    if i + 3 <= t {
+        parts.push(m.forward(&ids.narrow(1, i, 3)?, &mut cache)?);
+        i += 3;
+    }
+    while i < t {
+        parts.push(m.forward(&ids.narrow(1, i, 1)?, &mut cache)?);
+        i += 1;
+    }
+    max_abs_diff(&full, &Tensor::cat(&parts, 1)?)
+}
+
+fn save_and_load(m: &Model, dir: &Path) -> Result<Model> {
+    save_checkpoint(m, None, dir)?;
+    Ok(recurformer::loader::load(dir)?.model)
+}
+
+#[test]
+fn empty_plan_reproduces_the_base_model() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for name in ["tiny-llama", "tiny-llama3", "tiny-qwen2"] {
+        let base = recurformer::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let h = hybrid(&base, &Plan::empty(&base.cfg), None, Init::Attention)?;
+        assert_eq!(
+            max_abs_diff(&logits(&base, &ids)?, &logits(&h, &ids)?)?,
+            0.0
+        );
+        let back = save_and_load(&h, &tmp.path().join(name))?;
+        assert_eq!(
+            max_abs_diff(&logits(&base, &ids)?, &logits(&back, &ids)?)?,
+            0.0,
+            "{name}"
+        );
+        assert!(back.recurformer.is_some());
+    }
+    Ok(())
+}
+
+#[test]
+fn tiny_hybrids_round_trip_and_decode_like_the_full_forward() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let ids_v: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let report = report_for(&base, &ids_v, 2)?;
+        // Layer 0 keeps group 1 only; layer 1 is all Mamba.
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        for init in [Init::Attention, Init::Random] {
+            let h = hybrid(&base, &plan, Some(&report), init)?;
+            assert!(h.layers[1].self_attn.is_none() && h.layers[1].mixer.is_some());
+            let d = cached_vs_full(&h, &ids, 5)?;
+            println!("{name} {init:?}: cached vs full {d:.2e}");
+            assert!(d <= 1e-4, "{name} {init:?}: {d}");
+            // The conversion changes the function (it is not the base model any more)...
+            assert!(max_abs_diff(&logits(&base, &ids)?, &logits(&h, &ids)?)? > 1e-3);
+            // ...and a saved checkpoint reloads to exactly the same function.
+            let back = save_and_load(&h, &tmp.path().join(format!("{name}-{init:?}")))?;
+            assert_eq!(
+                max_abs_diff(&logits(&h, &ids)?, &logits(&back, &ids)?)?,
+                0.0
+            );
+            // Cache bytes: KV for the kept group of layer 0 only, plus the two mixers' states.
+            let t = ids.dim(1)?;
+            let mut cache = back.new_cache(1, t);
+            back.forward(&ids, &mut cache)?;
+            let c = &back.cfg;
+            assert_eq!(cache.bytes().kv, 2 * c.head_dim * 4 * t);
+            let state: usize = back
+                .layers
+                .iter()
+                .filter_map(|l| l.mixer.as_ref())
+                .map(|m| m.cfg.state_bytes(1))
+                .sum();
+            assert_eq!(cache.bytes().recurrent, state);
+            assert_eq!(cache.bytes().total(), plan.predicted_bytes(t).total_bytes);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn attention_init_needs_the_recency_report() -> Result<()> {
+    let base = recurformer::loader::load(&fixture("tiny-llama"))?.model;
+    let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![]])?;
+    let e = hybrid(&base, &plan, None, Init::Attention)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("--recency"), "{e}");
+    let h = hybrid(&base, &plan, None, Init::Random)?;
+    let e = hybrid(&h, &plan, None, Init::Random)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("already"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn damaged_hybrid_checkpoints_are_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let base = recurformer::loader::load(&fixture("tiny-llama"))?.model;
+    let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![1]])?;
+    let h = hybrid(&base, &plan, None, Init::Random)?;
+    let make = |name: &str| -> Result<std::path::PathBuf> {
+        let d = tmp.path().join(name);
+        save_checkpoint(&h, None, &d)?;
+        Ok(d)
+    };
+    let err = |d: &Path| {
+        format!(
+            "{:#}",
+            recurformer::loader::load(d)
+                .err()
+                .expect("damaged checkpoint loaded")
+        )
+    };
+    let edit_tensors =
+        |d: &Path, f: &dyn Fn(&mut std::collections::HashMap<String, Tensor>)| -> Result<()> {
+            let p = d.join("model.safetensors");
+            let mut t = candle_core::safetensors::load(&p, &Device::Cpu)?;
+            f(&mut t);
+            candle_core::safetensors::save(&t, &p)?;
+            Ok(())
+        };
+    let edit_config = |d: &Path, f: &dyn Fn(&mut serde_json::Value)| -> Result<()> {
+        let p = d.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+        f(&mut v);
+        std::fs::write(&p, v.to_string())?;
+        Ok(())
+    };
+
+    let d = make("missing")?;
+    edit_tensors(&d, &|t| {
+        t.remove("model.layers.1.mixer.A_log");
+    })?;
+    let e = err(&d);
+    assert!(
+        e.contains("model.layers.1.mixer.A_log") && e.contains("missing"),
+        "{e}"
+    );
+
+    let d = make("shape")?;
+    edit_tensors(&d, &|t| {
+        let w = Tensor::zeros((5, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        t.insert("model.layers.0.mixer.x_proj.weight".into(), w);
+    })?;
+    let e = err(&d);
+    assert!(
+        e.contains("model.layers.0.mixer.x_proj.weight") && e.contains("[5, 64]"),
+        "{e}"
+    );
+
+    // The plan says layer 0 keeps both groups, but the tensors are those of one kept group.
+    let d = make("inconsistent")?;
+    edit_config(&d, &|v| {
+        let l0 = &mut v["recurformer"]["plan"]["layers"][0];
+        l0["attention_groups"] = serde_json::json!([0, 1]);
+        l0["attention_heads"] = serde_json::json!([0, 1, 2, 3]);
+        l0["mamba_groups"] = serde_json::json!([]);
+        l0["mamba_heads"] = serde_json::json!([]);
+    })?;
+    let e = err(&d);
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.weight") && e.contains("[32, 64]"),
+        "{e}"
+    );
+
+    // A plan that splits a group.
+    let d = make("partial")?;
+    edit_config(&d, &|v| {
+        v["recurformer"]["plan"]["layers"][0]["mamba_heads"] = serde_json::json!([0]);
+    })?;
+    let e = err(&d);
+    assert!(e.contains("layer 0"), "{e}");
+
+    // Without the section, the mixer tensors are unexpected.
+    let d = make("nosection")?;
+    edit_config(&d, &|v| {
+        v.as_object_mut().unwrap().remove("recurformer");
+    })?;
+    let e = err(&d);
+    assert!(
+        e.contains("mixer") && e.contains("no `recurformer` section"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn real_model_hybrid_decodes_like_its_full_forward() -> Result<()> {
+    let loaded = recurformer::loader::load(&default_model())?;
+    let base = &loaded.model;
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(
+        "smollm2/recency_golden.json",
+    ))?)?;
+    let ids: Vec<u32> = golden["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let report = report_for(base, &ids[..128], 32)?;
+    let plan = Plan::by_fraction(&report, 0.5, 1)?;
+    assert_eq!(plan.replaced_groups(), 45);
+    let h = hybrid(base, &plan, Some(&report), Init::Attention)?;
+    let x = Tensor::new(&ids[..48], &Device::Cpu)?.unsqueeze(0)?;
+    let d = cached_vs_full(&h, &x, 16)?;
+    println!("50% hybrid: cached vs full {d:.2e}");
+    assert!(d <= 1e-3, "{d}");
+    let mut cache = h.new_cache(1, 48);
+    h.forward(&x, &mut cache)?;
+    assert_eq!(cache.bytes().total(), plan.predicted_bytes(48).total_bytes);
+    assert_eq!(cache.bytes().kv * 2, base.cfg.kv_bytes_per_token() * 48);
+    // The empty plan on the real model is the base model, through a saved checkpoint too.
+    let tmp = tempfile::tempdir()?;
+    let e = hybrid(base, &Plan::empty(&base.cfg), None, Init::Attention)?;
+    save_checkpoint(&e, loaded.tokenizer.as_ref(), &tmp.path().join("empty"))?;
+    let back = recurformer::loader::load(&tmp.path().join("empty"))?;
+    let short = x.narrow(1, 0, 24)?;
+    assert_eq!(
+        max_abs_diff(&logits(base, &short)?, &logits(&back.model, &short)?)?,
+        0.0
+    );
+    // The saved tokenizer and chat template behave like the GGUF's.
+    let (t0, t1) = (loaded.tokenizer()?, back.tokenizer()?);
+    for s in [
+        "Hello world 12345",
+        "<|im_start|>user\nhi<|im_end|>",
+        "  spaces\n\ttabs",
+    ] {
+        assert_eq!(t0.encode(s, true)?, t1.encode(s, true)?, "{s:?}");
+    }
+    let msgs = vec![recurformer::tokenizer::ChatMessage {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    assert_eq!(
+        t0.apply_chat_template(&msgs, true)?,
+        t1.apply_chat_template(&msgs, true)?
+    );
+    Ok(())
+}
