@@ -75,6 +75,35 @@ enum Command {
     /// Convert a base model into a RecurFormer checkpoint following a plan: replaced KV groups lose
     /// their q/k/v rows and gain a Mamba mixer (initialised from those rows, or randomly).
     Convert(ConvertArgs),
+    /// Evaluate one or more models on the same inputs and print one table (also written as JSON
+    /// and Markdown): held-out perplexity per context length, and cache bytes.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Models to compare (the first is the reference for ratios); repeat the flag. Defaults to
+    /// the default model.
+    #[arg(long = "model", short = 'm')]
+    models: Vec<PathBuf>,
+    /// CPU threads for tensor ops (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Tasks, comma-separated: perplexity, cache.
+    #[arg(long, value_delimiter = ',', default_value = "perplexity,cache")]
+    tasks: Vec<String>,
+    /// Context lengths for perplexity and cache.
+    #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 4096, 8192])]
+    context: Vec<usize>,
+    /// Held-out text for perplexity (default: Persuasion, held out from calibration and training).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// At most this many windows per context length (a quick run); all windows by default.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Directory for eval.json and eval.md.
+    #[arg(long, default_value = "runs/eval")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -199,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan(args) => plan_cmd::run(args),
         Command::RecencyDiff(args) => plan_cmd::recency_diff(args),
         Command::Convert(args) => convert_cmd(args),
+        Command::Eval(args) => eval_cmd(args),
     }
 }
 
@@ -703,5 +733,111 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
         human_bytes(loaded.model.cfg.kv_bytes_per_token() as f64),
         human_bytes(state as f64)
     );
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    use recurformer::data::{load_documents, token_stream};
+    if let Some(n) = a.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let models = if a.models.is_empty() {
+        vec![recurformer::default_model_path()]
+    } else {
+        a.models.clone()
+    };
+    for t in &a.tasks {
+        if !matches!(t.as_str(), "perplexity" | "cache") {
+            anyhow::bail!("unknown task {t:?} (available: perplexity, cache)");
+        }
+    }
+    let data = if a.data.is_empty() {
+        vec![recurformer::repo_root().join("data/text/austen/persuasion.txt")]
+    } else {
+        a.data.clone()
+    };
+    let docs = load_documents(&data)?;
+    let mut results = Vec::new();
+    let mut table = String::new();
+    let ppl_task = a.tasks.iter().any(|t| t == "perplexity");
+    let cache_task = a.tasks.iter().any(|t| t == "cache");
+    for path in &models {
+        let loaded = recurformer::loader::load(path)?;
+        let m = &loaded.model;
+        let (kv_tok, state) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
+        let mut entry = serde_json::json!({"model": path.display().to_string()});
+        if ppl_task {
+            let tokens = token_stream(&docs, loaded.tokenizer()?, None)?;
+            let mut ppl = Vec::new();
+            for &c in &a.context {
+                let n = (tokens.len() / c).min(a.limit.unwrap_or(usize::MAX)) as u64;
+                let pb = progress_bar(
+                    n,
+                    &format!(
+                        "{} ctx {c}",
+                        path.file_name()
+                            .map(|f| f.to_string_lossy().to_string())
+                            .unwrap_or_default()
+                    ),
+                );
+                let r = recurformer::eval::perplexity(m, &tokens, c, a.limit, &mut || pb.inc(1))?;
+                pb.finish_and_clear();
+                ppl.push(r);
+            }
+            entry["perplexity"] = serde_json::to_value(&ppl)?;
+        }
+        if cache_task {
+            let cache: Vec<serde_json::Value> = a
+                .context
+                .iter()
+                .map(|&c| serde_json::json!({"context": c, "kv_bytes": kv_tok * c, "recurrent_bytes": state, "total_bytes": kv_tok * c + state}))
+                .collect();
+            entry["cache"] = serde_json::Value::Array(cache);
+        }
+        results.push(entry);
+    }
+    // One table: a row per model and context.
+    table.push_str("| model | context | ppl (all) | ppl (2nd half) | cache bytes | cache vs first |\n|---|---|---|---|---|---|\n");
+    let first_cache: Vec<f64> = results[0]["cache"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|x| x["total_bytes"].as_f64().unwrap_or(0.0))
+                .collect()
+        })
+        .unwrap_or_default();
+    for r in &results {
+        for (i, &c) in a.context.iter().enumerate() {
+            let p = &r["perplexity"][i];
+            let cb = r["cache"][i]["total_bytes"].as_f64();
+            table.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r["model"].as_str().unwrap_or(""),
+                c,
+                p["ppl"]
+                    .as_f64()
+                    .map(|x| format!("{x:.3}"))
+                    .unwrap_or_else(|| "-".into()),
+                p["second_half_ppl"]
+                    .as_f64()
+                    .map(|x| format!("{x:.3}"))
+                    .unwrap_or_else(|| "-".into()),
+                cb.map(human_bytes).unwrap_or_else(|| "-".into()),
+                match (cb, first_cache.get(i)) {
+                    (Some(x), Some(f)) if *f > 0.0 => format!("{:.3}", x / f),
+                    _ => "-".into(),
+                }
+            ));
+        }
+    }
+    print!("{table}");
+    let json = serde_json::json!({"data": data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
+        "limit": a.limit, "contexts": a.context, "tasks": a.tasks, "results": results});
+    recurformer::io::write_atomic(
+        &a.out.join("eval.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    recurformer::io::write_atomic(&a.out.join("eval.md"), table.as_bytes())?;
+    eprintln!("wrote {}/eval.json and eval.md", a.out.display());
     Ok(())
 }

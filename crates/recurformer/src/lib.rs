@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod data;
 pub mod decode_attention;
+pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod hybrid;
