@@ -62,6 +62,8 @@ enum Command {
     /// Measure prefill and decode speed and peak memory at several context lengths, beside the
     /// PyTorch + transformers reference on the same weights and thread count.
     Bench(BenchArgs),
+    #[command(hide = true)]
+    BenchWorker(BenchWorkerArgs),
     /// Measure every attention head's recency score (attention mass on the last --window keys),
     /// sink mass, mean attention distance and output RMS on calibration text; writes recency.json
     /// and heatmap / distribution PNGs.
@@ -156,8 +158,13 @@ struct AnalyzeArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+    /// Models to measure (the first is the reference for ratios); repeat the flag. Defaults to
+    /// the default model. Each runs in its own child process, so peak memory is its own.
+    #[arg(long = "model", short = 'm')]
+    models: Vec<PathBuf>,
+    /// CPU threads for tensor ops (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Context lengths (tokens of prompt before decoding), run in this order.
     #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 8192])]
     contexts: Vec<usize>,
@@ -167,13 +174,26 @@ struct BenchArgs {
     /// Text the contexts are cut from (repeated when too short).
     #[arg(long)]
     text: Option<PathBuf>,
-    /// Reference engine run in the same command: `pytorch` (reference/.venv, see
-    /// reference/setup_venv.sh), `llama-cpp`, or `none`.
+    /// Reference engine run in the same command on the first model (a GGUF file): `pytorch`
+    /// (reference/.venv, see reference/setup_venv.sh), `llama-cpp`, or `none`.
     #[arg(long, default_value = "pytorch")]
     reference: String,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// One model's measurements, run by `bench` in a child process (prints JSON).
+#[derive(Args)]
+struct BenchWorkerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, num_args = 1..)]
+    contexts: Vec<usize>,
+    #[arg(long)]
+    decode_steps: usize,
+    #[arg(long)]
+    text: PathBuf,
 }
 
 #[derive(Args)]
@@ -224,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { model, json } => info(&model, json),
         Command::Generate(args) => generate_cmd(args),
         Command::Bench(args) => bench_cmd(args),
+        Command::BenchWorker(args) => bench_worker(args),
         Command::Analyze(args) => analyze_cmd(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::RecencyDiff(args) => plan_cmd::recency_diff(args),
@@ -442,40 +463,80 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_cmd(a: BenchArgs) -> Result<()> {
-    use recurformer::bench::{bench_point, tokens_at_least, BenchPoint};
+fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
+    use recurformer::bench::{bench_point, tokens_at_least};
     a.model.apply_threads();
-    let threads = a.model.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let path = a.model.path();
-    let loaded = recurformer::loader::load(&path)?;
-    let text_path = a
-        .text
-        .clone()
-        .unwrap_or_else(|| recurformer::repo_root().join("data/text/austen/emma.txt"));
-    let text = std::fs::read_to_string(&text_path)
-        .with_context(|| format!("reading {}", text_path.display()))?;
+    let loaded = recurformer::loader::load(&a.model.path())?;
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("reading {}", a.text.display()))?;
     let max_ctx = a.contexts.iter().copied().max().unwrap_or(0);
     let ids = tokens_at_least(&loaded.tokenizer()?.encode(&text, false)?, max_ctx)?;
     // Warm-up: first-touch allocations and thread-pool start are not part of any figure.
     bench_point(&loaded.model, &ids, 16.min(max_ctx), 2)?;
-    let mut ours: Vec<BenchPoint> = Vec::new();
+    let mut points = Vec::new();
     for &c in &a.contexts {
-        eprintln!("recurformer: context {c} ...");
         let p = bench_point(&loaded.model, &ids, c, a.decode_steps)?;
         eprintln!(
-            "  prefill {:.1} tok/s, decode {:.2} tok/s, peak RSS {}",
+            "  {} ctx {c}: prefill {:.1} tok/s, decode {:.2} tok/s, cache {}, peak RSS {}",
+            a.model.path().display(),
             p.prefill_tok_s,
             p.decode_tok_s,
+            human_bytes(p.cache_bytes as f64),
             human_bytes(p.peak_rss_bytes as f64)
         );
-        ours.push(p);
+        points.push(p);
     }
+    println!("{}", serde_json::to_string(&points)?);
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    use recurformer::bench::BenchPoint;
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let models = if a.models.is_empty() {
+        vec![recurformer::default_model_path()]
+    } else {
+        a.models.clone()
+    };
+    let text_path = a
+        .text
+        .clone()
+        .unwrap_or_else(|| recurformer::repo_root().join("data/text/austen/emma.txt"));
+    let exe = std::env::current_exe().context("locating the recurformer binary")?;
+    let mut ours: Vec<Vec<BenchPoint>> = Vec::new();
+    for m in &models {
+        eprintln!("measuring {} ...", m.display());
+        let out = std::process::Command::new(&exe)
+            .arg("bench-worker")
+            .arg("--model")
+            .arg(m)
+            .arg("--threads")
+            .arg(threads.to_string())
+            .arg("--decode-steps")
+            .arg(a.decode_steps.to_string())
+            .arg("--text")
+            .arg(&text_path)
+            .arg("--contexts")
+            .args(a.contexts.iter().map(|c| c.to_string()))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running the benchmark worker")?;
+        if !out.status.success() {
+            anyhow::bail!("benchmark of {} failed with {}", m.display(), out.status);
+        }
+        ours.push(serde_json::from_slice(&out.stdout).context("parsing the worker's output")?);
+    }
+    let first_is_gguf = models[0].extension().and_then(|e| e.to_str()) == Some("gguf");
     let reference: Option<serde_json::Value> = match a.reference.as_str() {
         "none" => None,
+        _ if !first_is_gguf => {
+            eprintln!("reference skipped: it loads a GGUF file and the first model is not one");
+            None
+        }
         engine @ ("pytorch" | "llama-cpp") => {
             let root = recurformer::repo_root();
             let py = root.join("reference/.venv/bin/python");
@@ -490,7 +551,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 let mut cmd = std::process::Command::new(&py);
                 cmd.arg(root.join("reference/bench_torch.py"))
                     .arg("--gguf")
-                    .arg(&path)
+                    .arg(&models[0])
                     .arg("--decode-steps")
                     .arg(a.decode_steps.to_string())
                     .arg("--threads")
@@ -509,74 +570,91 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 if !out.status.success() {
                     anyhow::bail!("reference benchmark failed with {}", out.status);
                 }
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                    .context("parsing the reference's JSON output")?;
-                Some(v)
+                Some(
+                    serde_json::from_slice(&out.stdout)
+                        .context("parsing the reference's JSON output")?,
+                )
             }
         }
         other => anyhow::bail!("--reference {other:?}: expected pytorch, llama-cpp or none"),
     };
     println!(
-        "model {} | {} threads | {} decode steps (median)",
-        path.display(),
-        threads,
-        a.decode_steps
+        "{} threads, {} decode steps (median); ratios against the first model",
+        threads, a.decode_steps
     );
-    let ref_name = reference
-        .as_ref()
-        .and_then(|r| r["engine"].as_str())
-        .unwrap_or("reference")
-        .to_string();
     println!(
-        "{:>7} | {:>12} {:>12} {:>7} | {:>11} {:>11} {:>7} | {:>10} {:>10}",
-        "context",
-        "prefill tok/s",
-        format!("{ref_name}"),
-        "ratio",
-        "decode tok/s",
-        ref_name,
-        "ratio",
-        "peak RSS",
-        ref_name
+        "{:>7} {:<44} {:>10} {:>10} {:>7} {:>11} {:>7} {:>10}",
+        "context", "model", "prefill/s", "decode/s", "ratio", "cache", "ratio", "peak RSS"
     );
-    for p in &ours {
+    for (ci, &c) in a.contexts.iter().enumerate() {
+        let base = &ours[0][ci];
+        for (m, pts) in models.iter().zip(&ours) {
+            let p = &pts[ci];
+            let name = m.display().to_string();
+            let name = if name.len() > 44 {
+                format!("...{}", &name[name.len() - 41..])
+            } else {
+                name
+            };
+            println!(
+                "{:>7} {:<44} {:>10.1} {:>10.2} {:>6.2}x {:>11} {:>6.3}x {:>10}",
+                c,
+                name,
+                p.prefill_tok_s,
+                p.decode_tok_s,
+                p.decode_tok_s / base.decode_tok_s,
+                human_bytes(p.cache_bytes as f64),
+                p.cache_bytes as f64 / base.cache_bytes as f64,
+                human_bytes(p.peak_rss_bytes as f64)
+            );
+        }
         let r = reference.as_ref().and_then(|r| {
             r["results"]
                 .as_array()?
                 .iter()
-                .find(|x| x["context"].as_u64() == Some(p.context as u64))
+                .find(|x| x["context"].as_u64() == Some(c as u64))
                 .cloned()
         });
-        let rf = |k: &str| r.as_ref().and_then(|x| x[k].as_f64());
-        let fmt_ratio = |a: f64, b: Option<f64>| {
-            b.map(|b| format!("{:.2}x", a / b))
-                .unwrap_or_else(|| "-".into())
-        };
-        let fmt_opt = |b: Option<f64>| b.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into());
-        println!(
-            "{:>7} | {:>13.1} {:>12} {:>7} | {:>12.2} {:>11} {:>7} | {:>10} {:>10}",
-            p.context,
-            p.prefill_tok_s,
-            fmt_opt(rf("prefill_tok_s")),
-            fmt_ratio(p.prefill_tok_s, rf("prefill_tok_s")),
-            p.decode_tok_s,
-            fmt_opt(rf("decode_tok_s")),
-            fmt_ratio(p.decode_tok_s, rf("decode_tok_s")),
-            human_bytes(p.peak_rss_bytes as f64),
-            rf("peak_rss_bytes")
-                .map(human_bytes)
-                .unwrap_or_else(|| "-".into()),
-        );
+        if let Some(r) = r {
+            let eng = reference
+                .as_ref()
+                .and_then(|x| x["engine"].as_str())
+                .unwrap_or("reference");
+            let (pf, dc) = (
+                r["prefill_tok_s"].as_f64().unwrap_or(f64::NAN),
+                r["decode_tok_s"].as_f64().unwrap_or(f64::NAN),
+            );
+            println!(
+                "{:>7} {:<44} {:>10.1} {:>10.2} {:>6.2}x {:>11} {:>7} {:>10}",
+                c,
+                format!("{eng} (first model, f32)"),
+                pf,
+                dc,
+                dc / base.decode_tok_s,
+                "-",
+                "",
+                r["peak_rss_bytes"]
+                    .as_f64()
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!(
+                "{:>7} first model vs {eng}: prefill {:.2}x, decode {:.2}x",
+                "",
+                base.prefill_tok_s / pf,
+                base.decode_tok_s / dc
+            );
+        }
     }
     if let Some(j) = a.json {
-        let v = serde_json::json!({"model": path.display().to_string(), "threads": threads,
-            "decode_steps": a.decode_steps, "recurformer": ours, "reference": reference});
+        let v = serde_json::json!({"models": models.iter().map(|m| m.display().to_string()).collect::<Vec<_>>(),
+            "threads": threads, "decode_steps": a.decode_steps, "contexts": a.contexts,
+            "recurformer": ours, "reference": reference});
         recurformer::io::write_atomic(&j, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
     Ok(())
 }
 
-/// The default calibration set: five Austen novels (Persuasion is held out for evaluation).
 fn default_calibration_files() -> Vec<PathBuf> {
     let dir = recurformer::repo_root().join("data/text/austen");
     [
