@@ -46,6 +46,8 @@ pub struct AttnObservation<'a> {
     pub probs: &'a Tensor,
     /// The heads' outputs before o_proj (b, nh, t, hd).
     pub heads_out: &'a Tensor,
+    /// The layer's normalised hidden state that attention read (b, t, d).
+    pub input: &'a Tensor,
 }
 
 /// Receives every layer's attention probabilities and head outputs on the eager path.
@@ -411,6 +413,7 @@ impl Attention {
                 layer: ctx.layer,
                 probs: p,
                 heads_out: &o,
+                input: x,
             })?;
         }
         Ok(o.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (b, t, nh*hd)
