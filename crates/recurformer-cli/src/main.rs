@@ -181,6 +181,10 @@ struct BenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Grow one cache through the contexts instead of prefilling each from scratch (much faster
+    /// at long contexts; prefill tok/s is then per segment). Decode figures are unaffected.
+    #[arg(long)]
+    incremental: bool,
 }
 
 /// One model's measurements, run by `bench` in a child process (prints JSON).
@@ -194,6 +198,8 @@ struct BenchWorkerArgs {
     decode_steps: usize,
     #[arg(long)]
     text: PathBuf,
+    #[arg(long)]
+    incremental: bool,
 }
 
 #[derive(Args)]
@@ -473,9 +479,16 @@ fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
     let ids = tokens_at_least(&loaded.tokenizer()?.encode(&text, false)?, max_ctx)?;
     // Warm-up: first-touch allocations and thread-pool start are not part of any figure.
     bench_point(&loaded.model, &ids, 16.min(max_ctx), 2)?;
+    let points_all = if a.incremental {
+        recurformer::bench::bench_series(&loaded.model, &ids, &a.contexts, a.decode_steps)?
+    } else {
+        a.contexts
+            .iter()
+            .map(|&c| bench_point(&loaded.model, &ids, c, a.decode_steps))
+            .collect::<Result<Vec<_>>>()?
+    };
     let mut points = Vec::new();
-    for &c in &a.contexts {
-        let p = bench_point(&loaded.model, &ids, c, a.decode_steps)?;
+    for (&c, p) in a.contexts.iter().zip(points_all) {
         eprintln!(
             "  {} ctx {c}: prefill {:.1} tok/s, decode {:.2} tok/s, cache {}, peak RSS {}",
             a.model.path().display(),
@@ -520,6 +533,11 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             .arg(a.decode_steps.to_string())
             .arg("--text")
             .arg(&text_path)
+            .args(if a.incremental {
+                vec!["--incremental"]
+            } else {
+                vec![]
+            })
             .arg("--contexts")
             .args(a.contexts.iter().map(|c| c.to_string()))
             .stderr(std::process::Stdio::inherit())

@@ -99,3 +99,55 @@ pub fn tokens_at_least(ids: &[u32], n: usize) -> Result<Vec<u32>> {
     out.truncate(n);
     Ok(out)
 }
+
+/// Like `bench_point` at every context of `contexts` (ascending), but with one growing cache:
+/// the prompt is prefilled up to the first context, decode is timed, then prefill continues to the
+/// next context, and so on. Far cheaper at long contexts than prefilling each from scratch;
+/// `prefill_tok_s` is then the throughput of each prefill segment (context_prev..context), which
+/// at long contexts is lower than a from-scratch prefill's average.
+pub fn bench_series(
+    model: &Model,
+    tokens: &[u32],
+    contexts: &[usize],
+    decode_steps: usize,
+) -> Result<Vec<BenchPoint>> {
+    let max = contexts.iter().copied().max().unwrap_or(0);
+    if tokens.len() < max {
+        bail!(
+            "benchmark text has {} tokens, context {max} needs more",
+            tokens.len()
+        );
+    }
+    if contexts.windows(2).any(|w| w[1] < w[0] + decode_steps) {
+        bail!("contexts {contexts:?} must ascend by more than the {decode_steps} decode steps");
+    }
+    let mut cache = model.new_cache(1, max + decode_steps + 1);
+    let mut out = Vec::new();
+    for &c in contexts {
+        let cur = cache.seq_len;
+        let ids = Tensor::new(&tokens[cur..c], &model.device)?.unsqueeze(0)?; // (1, c - cur)
+        let t0 = Instant::now();
+        let logits = model.forward_last(&ids, &mut cache)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let mut next = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        let mut step_secs = Vec::with_capacity(decode_steps);
+        for _ in 0..decode_steps {
+            let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?; // (1, 1)
+            let t = Instant::now();
+            let logits = model
+                .forward_last(&ids, &mut cache)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
+            step_secs.push(t.elapsed().as_secs_f64());
+            next = crate::generate::argmax(&logits);
+        }
+        out.push(BenchPoint {
+            context: c,
+            prefill_tok_s: (c - cur) as f64 / prefill,
+            decode_tok_s: 1.0 / median(&mut step_secs),
+            peak_rss_bytes: peak_rss_bytes(),
+            cache_bytes: cache.bytes().total(),
+        });
+    }
+    Ok(out)
+}
