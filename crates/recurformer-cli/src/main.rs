@@ -259,19 +259,9 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn human_bytes(b: f64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = b;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < units.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{x:.0} {}", units[u])
-    } else {
-        format!("{x:.2} {}", units[u])
-    }
+/// Bytes in binary units; the library's formatter, taking the f64 figures JSON hands us.
+pub(crate) fn human_bytes(b: f64) -> String {
+    recurformer::plan::human_bytes(b.max(0.0) as usize)
 }
 
 fn info(args: &ModelArgs, json: bool) -> Result<()> {

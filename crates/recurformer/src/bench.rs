@@ -66,25 +66,37 @@ pub fn bench_point(
     let t0 = Instant::now();
     let logits = model.forward_last(&ids, &mut cache)?;
     let prefill = t0.elapsed().as_secs_f64();
-    let mut next = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-    let mut step_secs = Vec::with_capacity(decode_steps);
-    for _ in 0..decode_steps {
-        let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?; // (1, 1)
-        let t = Instant::now();
-        let logits = model
-            .forward_last(&ids, &mut cache)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        step_secs.push(t.elapsed().as_secs_f64());
-        next = crate::generate::argmax(&logits);
-    }
+    let decode_tok_s = time_decode(model, &mut cache, &logits, decode_steps)?;
     Ok(BenchPoint {
         context,
         prefill_tok_s: context as f64 / prefill,
-        decode_tok_s: 1.0 / median(&mut step_secs),
+        decode_tok_s,
         peak_rss_bytes: peak_rss_bytes(),
         cache_bytes: cache.bytes().total(),
     })
+}
+
+/// Greedy-decodes `steps` tokens after a prefill whose last logits are `logits` (1, v), timing each
+/// step; returns the median tokens/s.
+fn time_decode(
+    model: &Model,
+    cache: &mut crate::cache::HybridCache,
+    logits: &Tensor,
+    steps: usize,
+) -> Result<f64> {
+    let mut next = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+    let mut step_secs = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?; // (1, 1)
+        let t = Instant::now();
+        let l = model
+            .forward_last(&ids, cache)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        step_secs.push(t.elapsed().as_secs_f64());
+        next = crate::generate::argmax(&l);
+    }
+    Ok(1.0 / median(&mut step_secs))
 }
 
 /// Token ids of `text`, repeated until there are at least `n`.
@@ -129,22 +141,11 @@ pub fn bench_series(
         let t0 = Instant::now();
         let logits = model.forward_last(&ids, &mut cache)?;
         let prefill = t0.elapsed().as_secs_f64();
-        let mut next = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-        let mut step_secs = Vec::with_capacity(decode_steps);
-        for _ in 0..decode_steps {
-            let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?; // (1, 1)
-            let t = Instant::now();
-            let logits = model
-                .forward_last(&ids, &mut cache)?
-                .squeeze(0)?
-                .to_vec1::<f32>()?;
-            step_secs.push(t.elapsed().as_secs_f64());
-            next = crate::generate::argmax(&logits);
-        }
+        let decode_tok_s = time_decode(model, &mut cache, &logits, decode_steps)?;
         out.push(BenchPoint {
             context: c,
             prefill_tok_s: (c - cur) as f64 / prefill,
-            decode_tok_s: 1.0 / median(&mut step_secs),
+            decode_tok_s,
             peak_rss_bytes: peak_rss_bytes(),
             cache_bytes: cache.bytes().total(),
         });
