@@ -91,9 +91,24 @@ struct EvalArgs {
     /// CPU threads for tensor ops (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Tasks, comma-separated: perplexity, cache.
+    /// Tasks, comma-separated: perplexity, cache, needle, hashhop.
     #[arg(long, value_delimiter = ',', default_value = "perplexity,cache")]
     tasks: Vec<String>,
+    /// Context lengths for needle and hashhop (default: the --context lengths).
+    #[arg(long, num_args = 1..)]
+    task_context: Vec<usize>,
+    /// Needle depths in [0, 1].
+    #[arg(long, num_args = 1.., default_values_t = [0.0, 0.25, 0.5, 0.75, 1.0])]
+    depths: Vec<f64>,
+    /// HashHop hop counts.
+    #[arg(long, num_args = 1.., default_values_t = [1usize, 2])]
+    hops: Vec<usize>,
+    /// Cases per needle / hashhop cell.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// Seed of the needle values, haystack offsets and hashes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Context lengths for perplexity and cache.
     #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 4096, 8192])]
     context: Vec<usize>,
@@ -833,8 +848,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         a.models.clone()
     };
     for t in &a.tasks {
-        if !matches!(t.as_str(), "perplexity" | "cache") {
-            anyhow::bail!("unknown task {t:?} (available: perplexity, cache)");
+        if !matches!(t.as_str(), "perplexity" | "cache" | "needle" | "hashhop") {
+            anyhow::bail!("unknown task {t:?} (available: perplexity, cache, needle, hashhop)");
         }
     }
     let data = if a.data.is_empty() {
@@ -845,6 +860,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     let docs = load_documents(&data)?;
     let mut results = Vec::new();
     let mut table = String::new();
+    let mut task_lines: Vec<String> = Vec::new();
     let ppl_task = a.tasks.iter().any(|t| t == "perplexity");
     let cache_task = a.tasks.iter().any(|t| t == "cache");
     for path in &models {
@@ -872,6 +888,62 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             }
             entry["perplexity"] = serde_json::to_value(&ppl)?;
         }
+        let task_contexts = if a.task_context.is_empty() {
+            a.context.clone()
+        } else {
+            a.task_context.clone()
+        };
+        let short = path
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if a.tasks.iter().any(|t| t == "needle") {
+            let cfg = recurformer::tasks::NeedleConfig {
+                contexts: task_contexts.clone(),
+                depths: a.depths.clone(),
+                samples: a.samples,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let pb = progress_bar(cfg.cases() as u64, &format!("{short} needle"));
+            let r =
+                recurformer::tasks::run_needle(m, loaded.tokenizer()?, &cfg, &mut || pb.inc(1))?;
+            pb.finish_and_clear();
+            let png = a.out.join(format!("needle_{}.png", results.len()));
+            recurformer::plot::needle_heatmap(&r, &path.display().to_string(), &png)?;
+            task_lines.push(format!(
+                "needle   {}: accuracy {:.3} ({})",
+                path.display(),
+                r.accuracy,
+                png.display()
+            ));
+            entry["needle"] = serde_json::to_value(&r)?;
+        }
+        if a.tasks.iter().any(|t| t == "hashhop") {
+            let cfg = recurformer::tasks::HashHopConfig {
+                contexts: task_contexts.clone(),
+                hops: a.hops.clone(),
+                samples: a.samples,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let pb = progress_bar(cfg.cases() as u64, &format!("{short} hashhop"));
+            let r =
+                recurformer::tasks::run_hashhop(m, loaded.tokenizer()?, &cfg, &mut || pb.inc(1))?;
+            pb.finish_and_clear();
+            let cells: Vec<String> = r
+                .cells
+                .iter()
+                .map(|c| format!("{}t/{}hop {}/{}", c.context, c.hops, c.correct, c.samples))
+                .collect();
+            task_lines.push(format!(
+                "hashhop  {}: accuracy {:.3} [{}]",
+                path.display(),
+                r.accuracy,
+                cells.join(", ")
+            ));
+            entry["hashhop"] = serde_json::to_value(&r)?;
+        }
         if cache_task {
             let cache: Vec<serde_json::Value> = a
                 .context
@@ -883,7 +955,9 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         results.push(entry);
     }
     // One table: a row per model and context.
-    table.push_str("| model | context | ppl (all) | ppl (2nd half) | cache bytes | cache vs first |\n|---|---|---|---|---|---|\n");
+    if ppl_task || cache_task {
+        table.push_str("| model | context | ppl (all) | ppl (2nd half) | cache bytes | cache vs first |\n|---|---|---|---|---|---|\n");
+    }
     let first_cache: Vec<f64> = results[0]["cache"]
         .as_array()
         .map(|c| {
@@ -892,7 +966,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    for r in &results {
+    for r in results.iter().filter(|_| ppl_task || cache_task) {
         for (i, &c) in a.context.iter().enumerate() {
             let p = &r["perplexity"][i];
             let cb = r["cache"][i]["total_bytes"].as_f64();
@@ -915,6 +989,9 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
                 }
             ));
         }
+    }
+    for l in &task_lines {
+        table.push_str(&format!("\n{l}\n"));
     }
     print!("{table}");
     let json = serde_json::json!({"data": data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),

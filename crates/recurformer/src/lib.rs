@@ -19,6 +19,7 @@ pub mod loader;
 pub mod mamba;
 pub mod plan;
 pub mod plot;
+pub mod tasks;
 pub mod recency;
 pub mod tokenizer;
 pub mod weights;
