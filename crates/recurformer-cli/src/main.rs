@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 mod plan_cmd;
+mod train_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +78,9 @@ enum Command {
     /// Convert a base model into a RecurFormer checkpoint following a plan: replaced KV groups lose
     /// their q/k/v rows and gain a Mamba mixer (initialised from those rows, or randomly).
     Convert(ConvertArgs),
+    /// Train a converted RecurFormer: layer-local alignment of the mixers, then distillation from
+    /// the base model.
+    Train(train_cmd::TrainArgs),
     /// Evaluate one or more models on the same inputs and print one table (also written as JSON
     /// and Markdown): held-out perplexity per context length, and cache bytes.
     Eval(EvalArgs),
@@ -270,6 +274,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan(args) => plan_cmd::run(args),
         Command::RecencyDiff(args) => plan_cmd::recency_diff(args),
         Command::Convert(args) => convert_cmd(args),
+        Command::Train(args) => train_cmd::run(args),
         Command::Eval(args) => eval_cmd(args),
     }
 }

@@ -17,11 +17,13 @@ pub mod io;
 pub mod llama;
 pub mod loader;
 pub mod mamba;
+pub mod optim;
 pub mod plan;
 pub mod plot;
-pub mod tasks;
 pub mod recency;
+pub mod tasks;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 /// Root of the repository (for tests and tools that find `data/` and `fixtures/`).
