@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 /// Font family name the figures use (registered by [`ensure_font`]).
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 /// Font files tried in order when `RECURFORMER_FONT` is not set.
 const FONT_CANDIDATES: &[&str] = &[
@@ -63,12 +63,12 @@ fn ensure_font() -> Result<()> {
 }
 
 /// Turns a plotters error (whose types are not `Send + Sync + 'static`) into an anyhow error.
-fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub(crate) fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing failed: {e:?}")
 }
 
 /// Renders `size` pixels with `draw`, encodes a PNG, writes it atomically to `path`.
-fn render_png(
+pub(crate) fn render_png(
     path: &Path,
     size: (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>,

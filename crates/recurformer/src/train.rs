@@ -2471,54 +2471,7 @@ impl Run<'_, '_, '_> {
 // ---------------------------------------------------------------------------------------------
 // Loss curve
 
-/// Font family registered for the loss curve (the same files `plot.rs` tries).
-const FONT: &str = "sans-serif";
-
-fn ensure_font() -> Result<()> {
-    use std::sync::OnceLock;
-    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    REGISTERED
-        .get_or_init(|| {
-            let candidates: Vec<String> = match std::env::var("RECURFORMER_FONT") {
-                Ok(p) if !p.is_empty() => vec![p],
-                _ => [
-                    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-                    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-                    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-                    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-                    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
-                    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            };
-            for p in &candidates {
-                if let Ok(bytes) = std::fs::read(p) {
-                    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                    if plotters::style::register_font(
-                        FONT,
-                        plotters::style::FontStyle::Normal,
-                        bytes,
-                    )
-                    .is_ok()
-                    {
-                        return Ok(());
-                    }
-                }
-            }
-            Err(format!(
-                "no usable TrueType font for figure text: tried {} (set RECURFORMER_FONT)",
-                candidates.join(", ")
-            ))
-        })
-        .clone()
-        .map_err(|e| anyhow::anyhow!(e))
-}
-
-fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow::anyhow!("drawing failed: {e:?}")
-}
+use crate::plot::{draw_err, render_png, FONT};
 
 /// Size of the loss-curve PNG: one 640 x 420 panel per stage in the log, side by side.
 pub fn loss_plot_size(stages: usize) -> (u32, u32) {
@@ -2529,7 +2482,6 @@ pub fn loss_plot_size(stages: usize) -> (u32, u32) {
 /// panel per stage, log-scale y when every value is positive; written atomically as PNG.
 pub fn plot_losses(log: &[Value], path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    ensure_font()?;
     let mut stages: Vec<(u64, String)> = Vec::new();
     for r in log
         .iter()
@@ -2543,10 +2495,7 @@ pub fn plot_losses(log: &[Value], path: &Path) -> Result<()> {
     }
     stages.sort();
     let size = loss_plot_size(stages.len());
-    let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
-    {
-        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
-        root.fill(&WHITE).map_err(draw_err)?;
+    render_png(path, size, |root| {
         let panels = root.split_evenly((1, stages.len().max(1)));
         for ((si, name), panel) in stages.iter().zip(panels.iter()) {
             let pick = |kind: &str, field: &str| -> Vec<(f64, f64)> {
@@ -2640,18 +2589,8 @@ pub fn plot_losses(log: &[Value], path: &Path) -> Result<()> {
                     .map_err(draw_err)?);
             }
         }
-        root.present().map_err(draw_err)?;
-    }
-    let mut png_bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut png_bytes, size.0, size.1);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.write_header()
-            .and_then(|mut w| w.write_image_data(&rgb))
-            .with_context(|| format!("encoding {}", path.display()))?;
-    }
-    crate::io::write_atomic(path, &png_bytes)
+        Ok(())
+    })
 }
 
 /// Names of the tensors `named_tensors` would save for `m` (used by tests to compare checkpoints).
