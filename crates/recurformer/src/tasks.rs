@@ -611,6 +611,33 @@ impl NeedleResults {
     }
 }
 
+/// Runs `samples` cases for every (context, key) cell, contexts outer; returns per cell the number
+/// judged correct by `is_correct`, and every case's result in order. Shared by needle and HashHop.
+fn run_grid<K: Copy, C>(
+    contexts: &[usize],
+    keys: &[K],
+    samples: usize,
+    progress: &mut dyn FnMut(),
+    mut run_case: impl FnMut(usize, K, usize) -> Result<C>,
+    is_correct: impl Fn(&C) -> bool,
+) -> Result<(Vec<(usize, K, usize)>, Vec<C>)> {
+    let mut grid = Vec::with_capacity(contexts.len() * keys.len());
+    let mut cases = Vec::with_capacity(contexts.len() * keys.len() * samples);
+    for &context in contexts {
+        for &key in keys {
+            let mut correct = 0;
+            for sample in 0..samples {
+                let case = run_case(context, key, sample)?;
+                correct += is_correct(&case) as usize;
+                cases.push(case);
+                progress();
+            }
+            grid.push((context, key, correct));
+        }
+    }
+    Ok((grid, cases))
+}
+
 /// Runs the needle grid on `model`; `progress` is called after every case.
 pub fn run_needle(
     model: &Model,
@@ -621,48 +648,49 @@ pub fn run_needle(
     cfg.validate()?;
     let haystack = Haystack::load(&cfg.haystack)?;
     let eos = stop_tokens(model, tok);
-    let mut cells = Vec::new();
-    let mut cases = Vec::new();
-    for &context in &cfg.contexts {
-        for &depth in &cfg.depths {
-            let mut correct = 0;
-            for sample in 0..cfg.samples {
-                let params = NeedleParams {
-                    context_tokens: context,
-                    depth,
-                    seed: sample_seed(cfg.seed, sample),
-                    chat: cfg.chat,
-                };
-                let case = needle_prompt(tok, &haystack, &params)
-                    .with_context(|| format!("needle case context {context} depth {depth}"))?;
-                let (output, stats) =
-                    greedy_answer(model, tok, &case.prompt, cfg.max_new_tokens, &eos)?;
-                let ok = answer_matches(&output, &case.value);
-                correct += ok as usize;
-                cases.push(NeedleCaseResult {
-                    context,
-                    depth,
-                    sample,
-                    seed: params.seed,
-                    value: case.value,
-                    output,
-                    correct: ok,
-                    needle_position: case.needle_position,
-                    depth_actual: case.depth_actual,
-                    prefill_secs: stats.prefill_secs,
-                    decode_secs: stats.decode_secs,
-                });
-                progress();
-            }
-            cells.push(NeedleCell {
+    let (grid, cases) = run_grid(
+        &cfg.contexts,
+        &cfg.depths,
+        cfg.samples,
+        progress,
+        |context, depth, sample| {
+            let params = NeedleParams {
+                context_tokens: context,
+                depth,
+                seed: sample_seed(cfg.seed, sample),
+                chat: cfg.chat,
+            };
+            let case = needle_prompt(tok, &haystack, &params)
+                .with_context(|| format!("needle case context {context} depth {depth}"))?;
+            let (output, stats) =
+                greedy_answer(model, tok, &case.prompt, cfg.max_new_tokens, &eos)?;
+            let ok = answer_matches(&output, &case.value);
+            Ok(NeedleCaseResult {
                 context,
                 depth,
-                samples: cfg.samples,
-                correct,
-                accuracy: correct as f64 / cfg.samples as f64,
-            });
-        }
-    }
+                sample,
+                seed: params.seed,
+                value: case.value,
+                output,
+                correct: ok,
+                needle_position: case.needle_position,
+                depth_actual: case.depth_actual,
+                prefill_secs: stats.prefill_secs,
+                decode_secs: stats.decode_secs,
+            })
+        },
+        |c| c.correct,
+    )?;
+    let cells = grid
+        .into_iter()
+        .map(|(context, depth, correct)| NeedleCell {
+            context,
+            depth,
+            samples: cfg.samples,
+            correct,
+            accuracy: correct as f64 / cfg.samples as f64,
+        })
+        .collect();
     let accuracy = cases.iter().filter(|c| c.correct).count() as f64 / cases.len() as f64;
     Ok(NeedleResults {
         contexts: cfg.contexts.clone(),
@@ -1068,49 +1096,50 @@ pub fn run_hashhop(
 ) -> Result<HashHopResults> {
     cfg.validate()?;
     let eos = stop_tokens(model, tok);
-    let mut cells = Vec::new();
-    let mut cases = Vec::new();
-    for &context in &cfg.contexts {
-        for &hops in &cfg.hops {
-            let mut correct = 0;
-            for sample in 0..cfg.samples {
-                let params = HashHopParams {
-                    context_tokens: context,
-                    hops,
-                    seed: sample_seed(cfg.seed, sample),
-                    chat: cfg.chat,
-                    hash_len: cfg.hash_len,
-                };
-                let case = hashhop_case(tok, &params)
-                    .with_context(|| format!("HashHop case context {context} hops {hops}"))?;
-                let (output, stats) =
-                    greedy_answer(model, tok, &case.prompt, cfg.max_new_tokens, &eos)?;
-                let ok = answer_matches(&output, &case.answer);
-                correct += ok as usize;
-                cases.push(HashHopCaseResult {
-                    context,
-                    hops,
-                    sample,
-                    seed: params.seed,
-                    query: case.query,
-                    answer: case.answer,
-                    output,
-                    correct: ok,
-                    lines: case.assignments.len(),
-                    prefill_secs: stats.prefill_secs,
-                    decode_secs: stats.decode_secs,
-                });
-                progress();
-            }
-            cells.push(HashHopCell {
+    let (grid, cases) = run_grid(
+        &cfg.contexts,
+        &cfg.hops,
+        cfg.samples,
+        progress,
+        |context, hops, sample| {
+            let params = HashHopParams {
+                context_tokens: context,
+                hops,
+                seed: sample_seed(cfg.seed, sample),
+                chat: cfg.chat,
+                hash_len: cfg.hash_len,
+            };
+            let case = hashhop_case(tok, &params)
+                .with_context(|| format!("HashHop case context {context} hops {hops}"))?;
+            let (output, stats) =
+                greedy_answer(model, tok, &case.prompt, cfg.max_new_tokens, &eos)?;
+            let ok = answer_matches(&output, &case.answer);
+            Ok(HashHopCaseResult {
                 context,
                 hops,
-                samples: cfg.samples,
-                correct,
-                accuracy: correct as f64 / cfg.samples as f64,
-            });
-        }
-    }
+                sample,
+                seed: params.seed,
+                query: case.query,
+                answer: case.answer,
+                output,
+                correct: ok,
+                lines: case.assignments.len(),
+                prefill_secs: stats.prefill_secs,
+                decode_secs: stats.decode_secs,
+            })
+        },
+        |c| c.correct,
+    )?;
+    let cells = grid
+        .into_iter()
+        .map(|(context, hops, correct)| HashHopCell {
+            context,
+            hops,
+            samples: cfg.samples,
+            correct,
+            accuracy: correct as f64 / cfg.samples as f64,
+        })
+        .collect();
     let accuracy = cases.iter().filter(|c| c.correct).count() as f64 / cases.len() as f64;
     Ok(HashHopResults {
         contexts: cfg.contexts.clone(),
