@@ -7,6 +7,9 @@ use recurformer::tokenizer::ChatMessage;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
+mod bench_cmd;
+mod demo_cmd;
+mod eval_cmd;
 mod plan_cmd;
 mod train_cmd;
 
@@ -60,11 +63,12 @@ enum Command {
     },
     /// Generate text from a prompt (argument or stdin), streaming tokens to stdout.
     Generate(GenerateArgs),
-    /// Measure prefill and decode speed and peak memory at several context lengths, beside the
-    /// PyTorch + transformers reference on the same weights and thread count.
-    Bench(BenchArgs),
+    /// Measure time to first token, decode speed, cache bytes and peak memory at several context
+    /// lengths for one or more models (ratios against the first), beside the PyTorch +
+    /// transformers reference on the same weights and thread count; tables, JSON and plots.
+    Bench(bench_cmd::BenchArgs),
     #[command(hide = true)]
-    BenchWorker(BenchWorkerArgs),
+    BenchWorker(bench_cmd::BenchWorkerArgs),
     /// Measure every attention head's recency score (attention mass on the last --window keys),
     /// sink mass, mean attention distance and output RMS on calibration text; writes recency.json
     /// and heatmap / distribution PNGs.
@@ -82,49 +86,13 @@ enum Command {
     /// the base model.
     Train(train_cmd::TrainArgs),
     /// Evaluate one or more models on the same inputs and print one table (also written as JSON
-    /// and Markdown): held-out perplexity per context length, and cache bytes.
-    Eval(EvalArgs),
-}
-
-#[derive(Args)]
-struct EvalArgs {
-    /// Models to compare (the first is the reference for ratios); repeat the flag. Defaults to
-    /// the default model.
-    #[arg(long = "model", short = 'm')]
-    models: Vec<PathBuf>,
-    /// CPU threads for tensor ops (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Tasks, comma-separated: perplexity, cache, needle, hashhop.
-    #[arg(long, value_delimiter = ',', default_value = "perplexity,cache")]
-    tasks: Vec<String>,
-    /// Context lengths for needle and hashhop (default: the --context lengths).
-    #[arg(long, num_args = 1..)]
-    task_context: Vec<usize>,
-    /// Needle depths in [0, 1].
-    #[arg(long, num_args = 1.., default_values_t = [0.0, 0.25, 0.5, 0.75, 1.0])]
-    depths: Vec<f64>,
-    /// HashHop hop counts.
-    #[arg(long, num_args = 1.., default_values_t = [1usize, 2])]
-    hops: Vec<usize>,
-    /// Cases per needle / hashhop cell.
-    #[arg(long, default_value_t = 1)]
-    samples: usize,
-    /// Seed of the needle values, haystack offsets and hashes.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Context lengths for perplexity and cache.
-    #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 4096, 8192])]
-    context: Vec<usize>,
-    /// Held-out text for perplexity (default: Persuasion, held out from calibration and training).
-    #[arg(long, num_args = 1..)]
-    data: Vec<PathBuf>,
-    /// At most this many windows per context length (a quick run); all windows by default.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Directory for eval.json and eval.md.
-    #[arg(long, default_value = "runs/eval")]
-    out: PathBuf,
+    /// and Markdown): held-out perplexity per context length, cache bytes, needle-in-a-haystack
+    /// and HashHop retrieval.
+    Eval(eval_cmd::EvalArgs),
+    /// The whole pipeline on the default model in one command: analyze -> plan (50 % of KV
+    /// groups) -> convert -> train (short budget) -> eval and bench against the base model,
+    /// writing a report directory (REPORT.md + plots). A second run reuses finished stages.
+    Demo(demo_cmd::DemoArgs),
 }
 
 #[derive(Args)]
@@ -176,52 +144,6 @@ struct AnalyzeArgs {
 }
 
 #[derive(Args)]
-struct BenchArgs {
-    /// Models to measure (the first is the reference for ratios); repeat the flag. Defaults to
-    /// the default model. Each runs in its own child process, so peak memory is its own.
-    #[arg(long = "model", short = 'm')]
-    models: Vec<PathBuf>,
-    /// CPU threads for tensor ops (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Context lengths (tokens of prompt before decoding), run in this order.
-    #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 8192])]
-    contexts: Vec<usize>,
-    /// Decode steps timed after each prefill; the median is reported.
-    #[arg(long, default_value_t = 32)]
-    decode_steps: usize,
-    /// Text the contexts are cut from (repeated when too short).
-    #[arg(long)]
-    text: Option<PathBuf>,
-    /// Reference engine run in the same command on the first model (a GGUF file): `pytorch`
-    /// (reference/.venv, see reference/setup_venv.sh), `llama-cpp`, or `none`.
-    #[arg(long, default_value = "pytorch")]
-    reference: String,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Grow one cache through the contexts instead of prefilling each from scratch (much faster
-    /// at long contexts; prefill tok/s is then per segment). Decode figures are unaffected.
-    #[arg(long)]
-    incremental: bool,
-}
-
-/// One model's measurements, run by `bench` in a child process (prints JSON).
-#[derive(Args)]
-struct BenchWorkerArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[arg(long, num_args = 1..)]
-    contexts: Vec<usize>,
-    #[arg(long)]
-    decode_steps: usize,
-    #[arg(long)]
-    text: PathBuf,
-    #[arg(long)]
-    incremental: bool,
-}
-
-#[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -268,14 +190,15 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info { model, json } => info(&model, json),
         Command::Generate(args) => generate_cmd(args),
-        Command::Bench(args) => bench_cmd(args),
-        Command::BenchWorker(args) => bench_worker(args),
+        Command::Bench(args) => bench_cmd::bench_cmd(args),
+        Command::BenchWorker(args) => bench_cmd::bench_worker(args),
         Command::Analyze(args) => analyze_cmd(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::RecencyDiff(args) => plan_cmd::recency_diff(args),
         Command::Convert(args) => convert_cmd(args),
         Command::Train(args) => train_cmd::run(args),
-        Command::Eval(args) => eval_cmd(args),
+        Command::Eval(args) => eval_cmd::eval_cmd(args),
+        Command::Demo(args) => demo_cmd::run(args),
     }
 }
 
@@ -479,210 +402,6 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
-    use recurformer::bench::{bench_point, tokens_at_least};
-    a.model.apply_threads();
-    let loaded = recurformer::loader::load(&a.model.path())?;
-    let text = std::fs::read_to_string(&a.text)
-        .with_context(|| format!("reading {}", a.text.display()))?;
-    let max_ctx = a.contexts.iter().copied().max().unwrap_or(0);
-    let ids = tokens_at_least(&loaded.tokenizer()?.encode(&text, false)?, max_ctx)?;
-    // Warm-up: first-touch allocations and thread-pool start are not part of any figure.
-    bench_point(&loaded.model, &ids, 16.min(max_ctx), 2)?;
-    let points_all = if a.incremental {
-        recurformer::bench::bench_series(&loaded.model, &ids, &a.contexts, a.decode_steps)?
-    } else {
-        a.contexts
-            .iter()
-            .map(|&c| bench_point(&loaded.model, &ids, c, a.decode_steps))
-            .collect::<Result<Vec<_>>>()?
-    };
-    let mut points = Vec::new();
-    for (&c, p) in a.contexts.iter().zip(points_all) {
-        eprintln!(
-            "  {} ctx {c}: prefill {:.1} tok/s, decode {:.2} tok/s, cache {}, peak RSS {}",
-            a.model.path().display(),
-            p.prefill_tok_s,
-            p.decode_tok_s,
-            human_bytes(p.cache_bytes as f64),
-            human_bytes(p.peak_rss_bytes as f64)
-        );
-        points.push(p);
-    }
-    println!("{}", serde_json::to_string(&points)?);
-    Ok(())
-}
-
-fn bench_cmd(a: BenchArgs) -> Result<()> {
-    use recurformer::bench::BenchPoint;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let models = if a.models.is_empty() {
-        vec![recurformer::default_model_path()]
-    } else {
-        a.models.clone()
-    };
-    let text_path = a
-        .text
-        .clone()
-        .unwrap_or_else(|| recurformer::repo_root().join("data/text/austen/emma.txt"));
-    let exe = std::env::current_exe().context("locating the recurformer binary")?;
-    let mut ours: Vec<Vec<BenchPoint>> = Vec::new();
-    for m in &models {
-        eprintln!("measuring {} ...", m.display());
-        let out = std::process::Command::new(&exe)
-            .arg("bench-worker")
-            .arg("--model")
-            .arg(m)
-            .arg("--threads")
-            .arg(threads.to_string())
-            .arg("--decode-steps")
-            .arg(a.decode_steps.to_string())
-            .arg("--text")
-            .arg(&text_path)
-            .args(if a.incremental {
-                vec!["--incremental"]
-            } else {
-                vec![]
-            })
-            .arg("--contexts")
-            .args(a.contexts.iter().map(|c| c.to_string()))
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .context("running the benchmark worker")?;
-        if !out.status.success() {
-            anyhow::bail!("benchmark of {} failed with {}", m.display(), out.status);
-        }
-        ours.push(serde_json::from_slice(&out.stdout).context("parsing the worker's output")?);
-    }
-    let first_is_gguf = models[0].extension().and_then(|e| e.to_str()) == Some("gguf");
-    let reference: Option<serde_json::Value> = match a.reference.as_str() {
-        "none" => None,
-        _ if !first_is_gguf => {
-            eprintln!("reference skipped: it loads a GGUF file and the first model is not one");
-            None
-        }
-        engine @ ("pytorch" | "llama-cpp") => {
-            let root = recurformer::repo_root();
-            let py = root.join("reference/.venv/bin/python");
-            if !py.exists() {
-                eprintln!(
-                    "reference skipped: {} is missing (run reference/setup_venv.sh)",
-                    py.display()
-                );
-                None
-            } else {
-                eprintln!("reference ({engine}): running reference/bench_torch.py ...");
-                let mut cmd = std::process::Command::new(&py);
-                cmd.arg(root.join("reference/bench_torch.py"))
-                    .arg("--gguf")
-                    .arg(&models[0])
-                    .arg("--decode-steps")
-                    .arg(a.decode_steps.to_string())
-                    .arg("--threads")
-                    .arg(threads.to_string())
-                    .arg("--text")
-                    .arg(&text_path)
-                    .arg("--contexts")
-                    .args(a.contexts.iter().map(|c| c.to_string()));
-                if engine == "llama-cpp" {
-                    cmd.arg("--engine").arg("llama_cpp");
-                }
-                let out = cmd
-                    .stderr(std::process::Stdio::inherit())
-                    .output()
-                    .context("running the reference benchmark")?;
-                if !out.status.success() {
-                    anyhow::bail!("reference benchmark failed with {}", out.status);
-                }
-                Some(
-                    serde_json::from_slice(&out.stdout)
-                        .context("parsing the reference's JSON output")?,
-                )
-            }
-        }
-        other => anyhow::bail!("--reference {other:?}: expected pytorch, llama-cpp or none"),
-    };
-    println!(
-        "{} threads, {} decode steps (median); ratios against the first model",
-        threads, a.decode_steps
-    );
-    println!(
-        "{:>7} {:<44} {:>10} {:>10} {:>7} {:>11} {:>7} {:>10}",
-        "context", "model", "prefill/s", "decode/s", "ratio", "cache", "ratio", "peak RSS"
-    );
-    for (ci, &c) in a.contexts.iter().enumerate() {
-        let base = &ours[0][ci];
-        for (m, pts) in models.iter().zip(&ours) {
-            let p = &pts[ci];
-            let name = m.display().to_string();
-            let name = if name.len() > 44 {
-                format!("...{}", &name[name.len() - 41..])
-            } else {
-                name
-            };
-            println!(
-                "{:>7} {:<44} {:>10.1} {:>10.2} {:>6.2}x {:>11} {:>6.3}x {:>10}",
-                c,
-                name,
-                p.prefill_tok_s,
-                p.decode_tok_s,
-                p.decode_tok_s / base.decode_tok_s,
-                human_bytes(p.cache_bytes as f64),
-                p.cache_bytes as f64 / base.cache_bytes as f64,
-                human_bytes(p.peak_rss_bytes as f64)
-            );
-        }
-        let r = reference.as_ref().and_then(|r| {
-            r["results"]
-                .as_array()?
-                .iter()
-                .find(|x| x["context"].as_u64() == Some(c as u64))
-                .cloned()
-        });
-        if let Some(r) = r {
-            let eng = reference
-                .as_ref()
-                .and_then(|x| x["engine"].as_str())
-                .unwrap_or("reference");
-            let (pf, dc) = (
-                r["prefill_tok_s"].as_f64().unwrap_or(f64::NAN),
-                r["decode_tok_s"].as_f64().unwrap_or(f64::NAN),
-            );
-            println!(
-                "{:>7} {:<44} {:>10.1} {:>10.2} {:>6.2}x {:>11} {:>7} {:>10}",
-                c,
-                format!("{eng} (first model, f32)"),
-                pf,
-                dc,
-                dc / base.decode_tok_s,
-                "-",
-                "",
-                r["peak_rss_bytes"]
-                    .as_f64()
-                    .map(human_bytes)
-                    .unwrap_or_else(|| "-".into())
-            );
-            println!(
-                "{:>7} first model vs {eng}: prefill {:.2}x, decode {:.2}x",
-                "",
-                base.prefill_tok_s / pf,
-                base.decode_tok_s / dc
-            );
-        }
-    }
-    if let Some(j) = a.json {
-        let v = serde_json::json!({"models": models.iter().map(|m| m.display().to_string()).collect::<Vec<_>>(),
-            "threads": threads, "decode_steps": a.decode_steps, "contexts": a.contexts,
-            "recurformer": ours, "reference": reference});
-        recurformer::io::write_atomic(&j, serde_json::to_string_pretty(&v)?.as_bytes())?;
-    }
-    Ok(())
-}
-
 fn default_calibration_files() -> Vec<PathBuf> {
     let dir = recurformer::repo_root().join("data/text/austen");
     [
@@ -697,7 +416,7 @@ fn default_calibration_files() -> Vec<PathBuf> {
     .collect()
 }
 
-fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -839,173 +558,5 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
         human_bytes(loaded.model.cfg.kv_bytes_per_token() as f64),
         human_bytes(state as f64)
     );
-    Ok(())
-}
-
-fn eval_cmd(a: EvalArgs) -> Result<()> {
-    use recurformer::data::{load_documents, token_stream};
-    if let Some(n) = a.threads {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    let models = if a.models.is_empty() {
-        vec![recurformer::default_model_path()]
-    } else {
-        a.models.clone()
-    };
-    for t in &a.tasks {
-        if !matches!(t.as_str(), "perplexity" | "cache" | "needle" | "hashhop") {
-            anyhow::bail!("unknown task {t:?} (available: perplexity, cache, needle, hashhop)");
-        }
-    }
-    let data = if a.data.is_empty() {
-        vec![recurformer::repo_root().join("data/text/austen/persuasion.txt")]
-    } else {
-        a.data.clone()
-    };
-    let docs = load_documents(&data)?;
-    let mut results = Vec::new();
-    let mut table = String::new();
-    let mut task_lines: Vec<String> = Vec::new();
-    let ppl_task = a.tasks.iter().any(|t| t == "perplexity");
-    let cache_task = a.tasks.iter().any(|t| t == "cache");
-    for path in &models {
-        let loaded = recurformer::loader::load(path)?;
-        let m = &loaded.model;
-        let (kv_tok, state) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
-        let mut entry = serde_json::json!({"model": path.display().to_string()});
-        if ppl_task {
-            let tokens = token_stream(&docs, loaded.tokenizer()?, None)?;
-            let mut ppl = Vec::new();
-            for &c in &a.context {
-                let n = (tokens.len() / c).min(a.limit.unwrap_or(usize::MAX)) as u64;
-                let pb = progress_bar(
-                    n,
-                    &format!(
-                        "{} ctx {c}",
-                        path.file_name()
-                            .map(|f| f.to_string_lossy().to_string())
-                            .unwrap_or_default()
-                    ),
-                );
-                let r = recurformer::eval::perplexity(m, &tokens, c, a.limit, &mut || pb.inc(1))?;
-                pb.finish_and_clear();
-                ppl.push(r);
-            }
-            entry["perplexity"] = serde_json::to_value(&ppl)?;
-        }
-        let task_contexts = if a.task_context.is_empty() {
-            a.context.clone()
-        } else {
-            a.task_context.clone()
-        };
-        let short = path
-            .file_name()
-            .map(|f| f.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if a.tasks.iter().any(|t| t == "needle") {
-            let cfg = recurformer::tasks::NeedleConfig {
-                contexts: task_contexts.clone(),
-                depths: a.depths.clone(),
-                samples: a.samples,
-                seed: a.seed,
-                ..Default::default()
-            };
-            let pb = progress_bar(cfg.cases() as u64, &format!("{short} needle"));
-            let r =
-                recurformer::tasks::run_needle(m, loaded.tokenizer()?, &cfg, &mut || pb.inc(1))?;
-            pb.finish_and_clear();
-            let png = a.out.join(format!("needle_{}.png", results.len()));
-            recurformer::plot::needle_heatmap(&r, &path.display().to_string(), &png)?;
-            task_lines.push(format!(
-                "needle   {}: accuracy {:.3} ({})",
-                path.display(),
-                r.accuracy,
-                png.display()
-            ));
-            entry["needle"] = serde_json::to_value(&r)?;
-        }
-        if a.tasks.iter().any(|t| t == "hashhop") {
-            let cfg = recurformer::tasks::HashHopConfig {
-                contexts: task_contexts.clone(),
-                hops: a.hops.clone(),
-                samples: a.samples,
-                seed: a.seed,
-                ..Default::default()
-            };
-            let pb = progress_bar(cfg.cases() as u64, &format!("{short} hashhop"));
-            let r =
-                recurformer::tasks::run_hashhop(m, loaded.tokenizer()?, &cfg, &mut || pb.inc(1))?;
-            pb.finish_and_clear();
-            let cells: Vec<String> = r
-                .cells
-                .iter()
-                .map(|c| format!("{}t/{}hop {}/{}", c.context, c.hops, c.correct, c.samples))
-                .collect();
-            task_lines.push(format!(
-                "hashhop  {}: accuracy {:.3} [{}]",
-                path.display(),
-                r.accuracy,
-                cells.join(", ")
-            ));
-            entry["hashhop"] = serde_json::to_value(&r)?;
-        }
-        if cache_task {
-            let cache: Vec<serde_json::Value> = a
-                .context
-                .iter()
-                .map(|&c| serde_json::json!({"context": c, "kv_bytes": kv_tok * c, "recurrent_bytes": state, "total_bytes": kv_tok * c + state}))
-                .collect();
-            entry["cache"] = serde_json::Value::Array(cache);
-        }
-        results.push(entry);
-    }
-    // One table: a row per model and context.
-    if ppl_task || cache_task {
-        table.push_str("| model | context | ppl (all) | ppl (2nd half) | cache bytes | cache vs first |\n|---|---|---|---|---|---|\n");
-    }
-    let first_cache: Vec<f64> = results[0]["cache"]
-        .as_array()
-        .map(|c| {
-            c.iter()
-                .map(|x| x["total_bytes"].as_f64().unwrap_or(0.0))
-                .collect()
-        })
-        .unwrap_or_default();
-    for r in results.iter().filter(|_| ppl_task || cache_task) {
-        for (i, &c) in a.context.iter().enumerate() {
-            let p = &r["perplexity"][i];
-            let cb = r["cache"][i]["total_bytes"].as_f64();
-            table.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
-                r["model"].as_str().unwrap_or(""),
-                c,
-                p["ppl"]
-                    .as_f64()
-                    .map(|x| format!("{x:.3}"))
-                    .unwrap_or_else(|| "-".into()),
-                p["second_half_ppl"]
-                    .as_f64()
-                    .map(|x| format!("{x:.3}"))
-                    .unwrap_or_else(|| "-".into()),
-                cb.map(human_bytes).unwrap_or_else(|| "-".into()),
-                match (cb, first_cache.get(i)) {
-                    (Some(x), Some(f)) if *f > 0.0 => format!("{:.3}", x / f),
-                    _ => "-".into(),
-                }
-            ));
-        }
-    }
-    for l in &task_lines {
-        table.push_str(&format!("\n{l}\n"));
-    }
-    print!("{table}");
-    let json = serde_json::json!({"data": data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
-        "limit": a.limit, "contexts": a.context, "tasks": a.tasks, "results": results});
-    recurformer::io::write_atomic(
-        &a.out.join("eval.json"),
-        serde_json::to_string_pretty(&json)?.as_bytes(),
-    )?;
-    recurformer::io::write_atomic(&a.out.join("eval.md"), table.as_bytes())?;
-    eprintln!("wrote {}/eval.json and eval.md", a.out.display());
     Ok(())
 }

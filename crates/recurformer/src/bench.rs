@@ -10,12 +10,24 @@ use std::time::Instant;
 pub struct BenchPoint {
     pub context: usize,
     pub prefill_tok_s: f64,
-    /// Median over the decode steps.
+    /// Time to first token: prefill of the whole context plus choosing the first new token (the
+    /// median over repeats). `None` for [`bench_series`], whose prefills are segments of one
+    /// growing cache rather than a fresh prompt.
+    #[serde(default)]
+    pub ttft_s: Option<f64>,
+    /// Median over the decode steps (of every repeat).
     pub decode_tok_s: f64,
     /// Process peak resident memory after this point (monotone over a run: contexts run in
     /// increasing order, so it is the peak of the largest context so far).
     pub peak_rss_bytes: u64,
     pub cache_bytes: usize,
+    /// Fresh prefills measured at this context (1 for [`bench_series`]).
+    #[serde(default = "one")]
+    pub repeats: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 where unavailable.
@@ -48,12 +60,15 @@ pub fn median(xs: &mut [f64]) -> f64 {
     }
 }
 
-/// Prefills `tokens[..context]`, then runs `decode_steps` greedy decode steps.
+/// Prefills `tokens[..context]` into a fresh cache, then runs `decode_steps` greedy decode steps;
+/// `repeats` times. Time to first token and prefill speed are medians over the repeats; decode
+/// speed is the median over all decode steps of all repeats.
 pub fn bench_point(
     model: &Model,
     tokens: &[u32],
     context: usize,
     decode_steps: usize,
+    repeats: usize,
 ) -> Result<BenchPoint> {
     if tokens.len() < context {
         bail!(
@@ -61,30 +76,40 @@ pub fn bench_point(
             tokens.len()
         );
     }
-    let mut cache = model.new_cache(1, context + decode_steps + 1);
-    let ids = Tensor::new(&tokens[..context], &model.device)?.unsqueeze(0)?; // (1, context)
-    let t0 = Instant::now();
-    let logits = model.forward_last(&ids, &mut cache)?;
-    let prefill = t0.elapsed().as_secs_f64();
-    let decode_tok_s = time_decode(model, &mut cache, &logits, decode_steps)?;
+    if repeats == 0 {
+        bail!("repeats must be at least 1");
+    }
+    let (mut ttft, mut step_secs, mut cache_bytes) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..repeats {
+        let mut cache = model.new_cache(1, context + decode_steps + 1);
+        let ids = Tensor::new(&tokens[..context], &model.device)?.unsqueeze(0)?; // (1, context)
+        let t0 = Instant::now();
+        let logits = model.forward_last(&ids, &mut cache)?;
+        let first = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        ttft.push(t0.elapsed().as_secs_f64());
+        step_secs.extend(time_decode(model, &mut cache, first, decode_steps)?);
+        cache_bytes = cache.bytes().total();
+    }
+    let ttft = median(&mut ttft);
     Ok(BenchPoint {
         context,
-        prefill_tok_s: context as f64 / prefill,
-        decode_tok_s,
+        prefill_tok_s: context as f64 / ttft,
+        ttft_s: Some(ttft),
+        decode_tok_s: 1.0 / median(&mut step_secs),
         peak_rss_bytes: peak_rss_bytes(),
-        cache_bytes: cache.bytes().total(),
+        cache_bytes,
+        repeats,
     })
 }
 
-/// Greedy-decodes `steps` tokens after a prefill whose last logits are `logits` (1, v), timing each
-/// step; returns the median tokens/s.
+/// Greedy-decodes `steps` tokens starting from token `next` (chosen from the prefill's logits),
+/// returning each step's seconds.
 fn time_decode(
     model: &Model,
     cache: &mut crate::cache::HybridCache,
-    logits: &Tensor,
+    mut next: u32,
     steps: usize,
-) -> Result<f64> {
-    let mut next = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+) -> Result<Vec<f64>> {
     let mut step_secs = Vec::with_capacity(steps);
     for _ in 0..steps {
         let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?; // (1, 1)
@@ -96,7 +121,7 @@ fn time_decode(
         step_secs.push(t.elapsed().as_secs_f64());
         next = crate::generate::argmax(&l);
     }
-    Ok(1.0 / median(&mut step_secs))
+    Ok(step_secs)
 }
 
 /// Token ids of `text`, repeated until there are at least `n`.
@@ -141,13 +166,16 @@ pub fn bench_series(
         let t0 = Instant::now();
         let logits = model.forward_last(&ids, &mut cache)?;
         let prefill = t0.elapsed().as_secs_f64();
-        let decode_tok_s = time_decode(model, &mut cache, &logits, decode_steps)?;
+        let first = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        let mut steps = time_decode(model, &mut cache, first, decode_steps)?;
         out.push(BenchPoint {
             context: c,
             prefill_tok_s: (c - cur) as f64 / prefill,
-            decode_tok_s,
+            ttft_s: None,
+            decode_tok_s: 1.0 / median(&mut steps),
             peak_rss_bytes: peak_rss_bytes(),
             cache_bytes: cache.bytes().total(),
+            repeats: 1,
         });
     }
     Ok(out)

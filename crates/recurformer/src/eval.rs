@@ -51,13 +51,14 @@ pub fn window_nll(model: &Model, ids: &[u32]) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Perplexity of `tokens` at one context length, over at most `limit` windows.
+/// Perplexity of `tokens` at one context length, over at most `limit` windows; `progress` is called
+/// after every window with the tokens it covered.
 pub fn perplexity(
     model: &Model,
     tokens: &[u32],
     context: usize,
     limit: Option<usize>,
-    progress: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(usize),
 ) -> Result<PerplexityResult> {
     if context < 4 {
         bail!("context {context} is too short for perplexity");
@@ -84,7 +85,7 @@ pub fn perplexity(
                 n_half += 1;
             }
         }
-        progress();
+        progress(context);
     }
     let (m, mh) = (all / n_all as f64, half / n_half as f64);
     Ok(PerplexityResult {

@@ -617,7 +617,7 @@ fn run_grid<K: Copy, C>(
     contexts: &[usize],
     keys: &[K],
     samples: usize,
-    progress: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(usize),
     mut run_case: impl FnMut(usize, K, usize) -> Result<C>,
     is_correct: impl Fn(&C) -> bool,
 ) -> Result<(Vec<(usize, K, usize)>, Vec<C>)> {
@@ -630,7 +630,7 @@ fn run_grid<K: Copy, C>(
                 let case = run_case(context, key, sample)?;
                 correct += is_correct(&case) as usize;
                 cases.push(case);
-                progress();
+                progress(context);
             }
             grid.push((context, key, correct));
         }
@@ -638,12 +638,13 @@ fn run_grid<K: Copy, C>(
     Ok((grid, cases))
 }
 
-/// Runs the needle grid on `model`; `progress` is called after every case.
+/// Runs the needle grid on `model`; `progress` is called after every case with its context length
+/// in tokens.
 pub fn run_needle(
     model: &Model,
     tok: &Tokenizer,
     cfg: &NeedleConfig,
-    progress: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(usize),
 ) -> Result<NeedleResults> {
     cfg.validate()?;
     let haystack = Haystack::load(&cfg.haystack)?;
@@ -1087,12 +1088,13 @@ impl HashHopResults {
     }
 }
 
-/// Runs the HashHop grid on `model`; `progress` is called after every case.
+/// Runs the HashHop grid on `model`; `progress` is called after every case with its context
+/// length in tokens.
 pub fn run_hashhop(
     model: &Model,
     tok: &Tokenizer,
     cfg: &HashHopConfig,
-    progress: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(usize),
 ) -> Result<HashHopResults> {
     cfg.validate()?;
     let eos = stop_tokens(model, tok);

@@ -16,7 +16,7 @@ fn perplexity_matches_the_reference_and_empty_plan_matches_base() -> Result<()> 
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
-    let res = recurformer::eval::perplexity(&loaded.model, &ids, 512, None, &mut || {})?;
+    let res = recurformer::eval::perplexity(&loaded.model, &ids, 512, None, &mut |_| {})?;
     let ref_ppl = r["perplexity"]["ppl"].as_f64().context("ppl")?;
     println!(
         "eval perplexity {:.4} vs transformers {ref_ppl:.4}",
@@ -28,7 +28,7 @@ fn perplexity_matches_the_reference_and_empty_plan_matches_base() -> Result<()> 
     );
     assert!((res.ppl / ref_ppl - 1.0).abs() <= 1e-3);
     // Two windows of 256: each restarts from an empty cache, so it differs from one window of 512.
-    let two = recurformer::eval::perplexity(&loaded.model, &ids, 256, None, &mut || {})?;
+    let two = recurformer::eval::perplexity(&loaded.model, &ids, 256, None, &mut |_| {})?;
     assert_eq!((two.windows, two.predictions), (2, 510));
     assert!(two.ppl > res.ppl);
 
@@ -49,7 +49,7 @@ fn perplexity_matches_the_reference_and_empty_plan_matches_base() -> Result<()> 
         provenance: prov,
     };
     let h = recurformer::hybrid::convert(&loaded.model, &opts)?;
-    let he = recurformer::eval::perplexity(&h, &ids, 512, None, &mut || {})?;
+    let he = recurformer::eval::perplexity(&h, &ids, 512, None, &mut |_| {})?;
     assert_eq!(he, res);
     Ok(())
 }

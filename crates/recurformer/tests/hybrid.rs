@@ -301,3 +301,35 @@ fn real_model_hybrid_decodes_like_its_full_forward() -> Result<()> {
     );
     Ok(())
 }
+
+/// `bench_point` (fresh prefills, median over repeats) and `bench_series` (one growing cache)
+/// report the cache bytes the plan predicts, time to first token only for fresh prefills, and a
+/// smaller cache for the hybrid at every length.
+#[test]
+fn bench_points_report_first_token_time_and_exact_cache_bytes() -> Result<()> {
+    use recurformer::bench::{bench_point, bench_series};
+    let base = recurformer::loader::load(&fixture("tiny-llama"))?.model;
+    let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![1]])?;
+    let h = hybrid(&base, &plan, None, Init::Random)?;
+    let tokens: Vec<u32> = (0..200u32).map(|i| (i * 7 + 3) % 250).collect();
+    for m in [&base, &h] {
+        let (kv, state) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
+        let p = bench_point(m, &tokens, 64, 5, 3)?;
+        assert_eq!(p.repeats, 3);
+        let ttft = p.ttft_s.expect("fresh prefill has a first-token time");
+        assert!(ttft > 0.0 && (p.prefill_tok_s * ttft - 64.0).abs() < 1e-6);
+        // The cache holds the context and the decoded tokens.
+        assert_eq!(p.cache_bytes, kv * (64 + 5) + state);
+        let s = bench_series(m, &tokens, &[32, 96], 4)?;
+        assert!(s.iter().all(|p| p.ttft_s.is_none() && p.decode_tok_s > 0.0));
+        assert_eq!(s[1].cache_bytes, kv * (96 + 4) + state);
+    }
+    let (b, hp) = (
+        bench_point(&base, &tokens, 100, 2, 1)?,
+        bench_point(&h, &tokens, 100, 2, 1)?,
+    );
+    assert!(hp.cache_bytes < b.cache_bytes);
+    assert!(bench_point(&base, &tokens, 500, 2, 1).is_err());
+    assert!(bench_point(&base, &tokens, 10, 2, 0).is_err());
+    Ok(())
+}

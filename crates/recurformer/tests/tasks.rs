@@ -432,7 +432,7 @@ fn run_needle_end_to_end_on_the_default_model() -> Result<()> {
     };
     let mut calls = 0;
     let t0 = std::time::Instant::now();
-    let r = run_needle(&loaded.model, tok, &cfg, &mut || calls += 1)?;
+    let r = run_needle(&loaded.model, tok, &cfg, &mut |_| calls += 1)?;
     println!(
         "run_needle 256 x 2 depths in {:.1} s: {:?}",
         t0.elapsed().as_secs_f64(),
@@ -474,7 +474,7 @@ fn needle_and_hashhop_timing_at_1024() -> Result<()> {
             depths: vec![0.5],
             ..Default::default()
         },
-        &mut || {},
+        &mut |_| {},
     )?;
     let c = &r.cases[0];
     println!(
@@ -496,7 +496,7 @@ fn needle_and_hashhop_timing_at_1024() -> Result<()> {
             samples: 3,
             ..Default::default()
         },
-        &mut || {},
+        &mut |_| {},
     )?;
     for c in &h.cases {
         println!(

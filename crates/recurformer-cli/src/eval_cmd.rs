@@ -1,0 +1,360 @@
+//! `recurformer eval`: every model on the same inputs (held-out perplexity per context length,
+//! cache bytes, needle-in-a-haystack, HashHop), one progress bar over the whole run, one table,
+//! eval.json + eval.md (+ a needle heatmap per model).
+
+use crate::bench_cmd::short_name;
+use crate::human_bytes;
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    /// Models to compare (the first is the reference for ratios); repeat the flag. Defaults to
+    /// the default model.
+    #[arg(long = "model", short = 'm')]
+    pub models: Vec<PathBuf>,
+    /// CPU threads for tensor ops (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Tasks, comma-separated: perplexity, cache, needle, hashhop.
+    #[arg(long, value_delimiter = ',', default_value = "perplexity,cache")]
+    pub tasks: Vec<String>,
+    /// Context lengths for needle and hashhop (default: the --context lengths).
+    #[arg(long, num_args = 1..)]
+    pub task_context: Vec<usize>,
+    /// Needle depths in [0, 1].
+    #[arg(long, num_args = 1.., default_values_t = [0.0, 0.25, 0.5, 0.75, 1.0])]
+    pub depths: Vec<f64>,
+    /// HashHop hop counts.
+    #[arg(long, num_args = 1.., default_values_t = [1usize, 2])]
+    pub hops: Vec<usize>,
+    /// Cases per needle / hashhop cell.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Seed of the needle values, haystack offsets and hashes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Context lengths for perplexity and cache.
+    #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 4096, 8192])]
+    pub context: Vec<usize>,
+    /// Held-out text for perplexity (default: Persuasion, held out from calibration and training).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// At most this many windows per context length (a quick run); all windows by default.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Directory for eval.json, eval.md and needle_<i>.png.
+    #[arg(long, default_value = "runs/eval")]
+    pub out: PathBuf,
+}
+
+const TASKS: [&str; 4] = ["perplexity", "cache", "needle", "hashhop"];
+
+pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
+    use recurformer::data::{load_documents, token_stream};
+    use recurformer::tasks::{HashHopConfig, NeedleConfig};
+    if let Some(n) = a.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let models = if a.models.is_empty() {
+        vec![recurformer::default_model_path()]
+    } else {
+        a.models.clone()
+    };
+    for t in &a.tasks {
+        if !TASKS.contains(&t.as_str()) {
+            bail!("unknown task {t:?} (available: {})", TASKS.join(", "));
+        }
+    }
+    let has = |t: &str| a.tasks.iter().any(|x| x == t);
+    let data = if a.data.is_empty() {
+        vec![recurformer::repo_root().join("data/text/austen/persuasion.txt")]
+    } else {
+        a.data.clone()
+    };
+    let docs = load_documents(&data)?;
+    let task_contexts = if a.task_context.is_empty() {
+        a.context.clone()
+    } else {
+        a.task_context.clone()
+    };
+    let needle_cfg = NeedleConfig {
+        contexts: task_contexts.clone(),
+        depths: a.depths.clone(),
+        samples: a.samples,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let hashhop_cfg = HashHopConfig {
+        contexts: task_contexts.clone(),
+        hops: a.hops.clone(),
+        samples: a.samples,
+        seed: a.seed,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", a.out.display()))?;
+
+    // One progress bar over every model and task, counted in tokens processed (a perplexity window
+    // or a needle / HashHop case of C tokens counts C), so its ETA weighs long contexts properly.
+    // Window counts come from the first model's tokenizer and are corrected if another differs.
+    let ppl_windows = |n_tokens: usize| -> Vec<usize> {
+        a.context
+            .iter()
+            .map(|&c| (n_tokens / c).min(a.limit.unwrap_or(usize::MAX)))
+            .collect()
+    };
+    let ppl_tokens =
+        |w: &[usize]| -> u64 { w.iter().zip(&a.context).map(|(w, c)| (w * c) as u64).sum() };
+    let per_case: u64 = task_contexts.iter().map(|&c| c as u64).sum();
+    let task_tokens = (has("needle") as u64) * per_case * (a.depths.len() * a.samples) as u64
+        + (has("hashhop") as u64) * per_case * (a.hops.len() * a.samples) as u64;
+    let mut first = Some(recurformer::loader::load(&models[0])?);
+    let assumed_windows = if has("perplexity") {
+        let f = first.as_ref().expect("loaded above");
+        ppl_windows(token_stream(&docs, f.tokenizer()?, None)?.len())
+    } else {
+        vec![]
+    };
+    let total = models.len() as u64 * (ppl_tokens(&assumed_windows) + task_tokens);
+    let pb = crate::progress_bar(total, "eval");
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {percent}% of {len} tokens, {elapsed_precise} (eta {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    let mut results = Vec::new();
+    for (mi, path) in models.iter().enumerate() {
+        let loaded = match first.take() {
+            Some(l) => l,
+            None => recurformer::loader::load(path)?,
+        };
+        let m = &loaded.model;
+        let short = short_name(path);
+        let mut entry = json!({"model": path.display().to_string()});
+        if has("perplexity") {
+            let tokens = token_stream(&docs, loaded.tokenizer()?, None)?;
+            let w = ppl_windows(tokens.len());
+            if w != assumed_windows {
+                let (now, assumed) = (ppl_tokens(&w), ppl_tokens(&assumed_windows));
+                pb.set_length(pb.length().unwrap_or(0) + now - assumed.min(now));
+            }
+            let mut ppl = Vec::new();
+            for &c in &a.context {
+                pb.set_message(format!(
+                    "[{}/{}] {short}: perplexity at {c}",
+                    mi + 1,
+                    models.len()
+                ));
+                let r = recurformer::eval::perplexity(m, &tokens, c, a.limit, &mut |n| {
+                    pb.inc(n as u64)
+                })?;
+                ppl.push(r);
+            }
+            entry["perplexity"] = serde_json::to_value(&ppl)?;
+        }
+        if has("needle") {
+            pb.set_message(format!("[{}/{}] {short}: needle", mi + 1, models.len()));
+            let r =
+                recurformer::tasks::run_needle(m, loaded.tokenizer()?, &needle_cfg, &mut |n| {
+                    pb.inc(n as u64)
+                })?;
+            let png = a.out.join(format!("needle_{mi}.png"));
+            recurformer::plot::needle_heatmap(&r, &path.display().to_string(), &png)?;
+            entry["needle"] = serde_json::to_value(&r)?;
+            entry["needle_png"] = json!(png.file_name().map(|f| f.to_string_lossy()));
+        }
+        if has("hashhop") {
+            pb.set_message(format!("[{}/{}] {short}: hashhop", mi + 1, models.len()));
+            let r =
+                recurformer::tasks::run_hashhop(m, loaded.tokenizer()?, &hashhop_cfg, &mut |n| {
+                    pb.inc(n as u64)
+                })?;
+            entry["hashhop"] = serde_json::to_value(&r)?;
+        }
+        if has("cache") {
+            let (kv_tok, state) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
+            let cache: Vec<Value> = a
+                .context
+                .iter()
+                .map(|&c| json!({"context": c, "kv_bytes": kv_tok * c, "recurrent_bytes": state, "total_bytes": kv_tok * c + state}))
+                .collect();
+            entry["cache"] = Value::Array(cache);
+        }
+        results.push(entry);
+    }
+    pb.finish_and_clear();
+    let table = markdown(&results);
+    print!("{table}");
+    let json = json!({"data": data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
+        "limit": a.limit, "contexts": a.context, "task_contexts": task_contexts, "tasks": a.tasks,
+        "results": results});
+    recurformer::io::write_atomic(
+        &a.out.join("eval.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    recurformer::io::write_atomic(&a.out.join("eval.md"), table.as_bytes())?;
+    eprintln!("wrote {}/eval.json and eval.md", a.out.display());
+    Ok(())
+}
+
+fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "-".into())
+}
+
+/// The Markdown tables of an eval.json `results` array: perplexity, cache, needle and HashHop,
+/// each only when some model has it; ratios are against the first model.
+pub(crate) fn markdown(results: &[Value]) -> String {
+    let mut md = String::new();
+    let name = |r: &Value| r["model"].as_str().unwrap_or("").to_string();
+    let first = &results[0];
+    if results.iter().any(|r| r["perplexity"].is_array()) {
+        md.push_str(
+            "| model | context | windows | ppl (all) | vs first | ppl (2nd half) | vs first |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        for r in results {
+            for (i, p) in r["perplexity"].as_array().into_iter().flatten().enumerate() {
+                let f = &first["perplexity"][i];
+                let ratio = |k: &str| match (p[k].as_f64(), f[k].as_f64()) {
+                    (Some(x), Some(y)) if y > 0.0 => format!("{:.3}x", x / y),
+                    _ => "-".into(),
+                };
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} | {} |\n",
+                    name(r),
+                    p["context"],
+                    p["windows"],
+                    fmt_opt(p["ppl"].as_f64(), |x| format!("{x:.3}")),
+                    ratio("ppl"),
+                    fmt_opt(p["second_half_ppl"].as_f64(), |x| format!("{x:.3}")),
+                    ratio("second_half_ppl"),
+                ));
+            }
+        }
+        md.push('\n');
+    }
+    if results.iter().any(|r| r["cache"].is_array()) {
+        md.push_str(
+            "| model | context | KV cache | recurrent state | total | vs first |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        for r in results {
+            for (i, c) in r["cache"].as_array().into_iter().flatten().enumerate() {
+                let tot = c["total_bytes"].as_f64();
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} |\n",
+                    name(r),
+                    c["context"],
+                    fmt_opt(c["kv_bytes"].as_f64(), human_bytes),
+                    fmt_opt(c["recurrent_bytes"].as_f64(), human_bytes),
+                    fmt_opt(tot, human_bytes),
+                    match (tot, first["cache"][i]["total_bytes"].as_f64()) {
+                        (Some(x), Some(y)) if y > 0.0 => format!("{:.3}", x / y),
+                        _ => "-".into(),
+                    }
+                ));
+            }
+        }
+        md.push('\n');
+    }
+    // Needle: a row per model and context, a column per depth.
+    if let Some(n0) = results.iter().find_map(|r| r["needle"].as_object()) {
+        let depths: Vec<f64> = n0["depths"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_f64())
+            .collect();
+        md.push_str("Needle in a haystack (exact match of the passkey; correct / cases per cell)\n\n| model | context |");
+        for d in &depths {
+            md.push_str(&format!(" depth {:.0}% |", 100.0 * d));
+        }
+        md.push_str(" overall |\n|---|---|");
+        md.push_str(&"---|".repeat(depths.len() + 1));
+        md.push('\n');
+        for r in results.iter().filter(|r| r["needle"].is_object()) {
+            let n = &r["needle"];
+            for c in n["contexts"].as_array().into_iter().flatten() {
+                let cells: Vec<&Value> = n["cells"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|x| x["context"] == *c)
+                    .collect();
+                md.push_str(&format!("| {} | {} |", name(r), c));
+                let (mut ok, mut all) = (0, 0);
+                for d in &depths {
+                    match cells.iter().find(|x| x["depth"].as_f64() == Some(*d)) {
+                        Some(x) => {
+                            let (k, s) = (
+                                x["correct"].as_u64().unwrap_or(0),
+                                x["samples"].as_u64().unwrap_or(0),
+                            );
+                            ok += k;
+                            all += s;
+                            md.push_str(&format!(" {k}/{s} |"));
+                        }
+                        None => md.push_str(" - |"),
+                    }
+                }
+                md.push_str(&format!(" {ok}/{all} |\n"));
+            }
+        }
+        md.push_str(&overall(results, "needle"));
+    }
+    if let Some(h0) = results.iter().find_map(|r| r["hashhop"].as_object()) {
+        let hops: Vec<u64> = h0["hops"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_u64())
+            .collect();
+        md.push_str("HashHop (exact match of the final hash; correct / cases per cell)\n\n| model | context |");
+        for h in &hops {
+            md.push_str(&format!(" {h} hop{} |", if *h == 1 { "" } else { "s" }));
+        }
+        md.push_str("\n|---|---|");
+        md.push_str(&"---|".repeat(hops.len()));
+        md.push('\n');
+        for r in results.iter().filter(|r| r["hashhop"].is_object()) {
+            let h = &r["hashhop"];
+            for c in h["contexts"].as_array().into_iter().flatten() {
+                md.push_str(&format!("| {} | {} |", name(r), c));
+                for k in &hops {
+                    let cell = h["cells"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|x| x["context"] == *c && x["hops"].as_u64() == Some(*k));
+                    match cell {
+                        Some(x) => md.push_str(&format!(" {}/{} |", x["correct"], x["samples"])),
+                        None => md.push_str(" - |"),
+                    }
+                }
+                md.push('\n');
+            }
+        }
+        md.push_str(&overall(results, "hashhop"));
+    }
+    md
+}
+
+/// "\nOverall: a 60%, b 40%\n\n" for a task's accuracy over all its cases.
+fn overall(results: &[Value], task: &str) -> String {
+    let parts: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            Some(format!(
+                "{} {:.0}%",
+                r["model"].as_str()?,
+                100.0 * r[task]["accuracy"].as_f64()?
+            ))
+        })
+        .collect();
+    format!("\nOverall: {}\n\n", parts.join(", "))
+}

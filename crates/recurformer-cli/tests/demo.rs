@@ -1,0 +1,147 @@
+//! `recurformer demo --quick` end to end on the default model (tiny sizes): every stage runs, the
+//! report carries the answers, a second run reuses every finished stage, and changing a setting
+//! reruns exactly the stages it affects.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn demo(out: &Path, extra: &[&str]) -> Result<Output> {
+    let o = Command::new(env!("CARGO_BIN_EXE_recurformer"))
+        .args(["demo", "--quick", "--threads", "2", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .context("running recurformer demo")?;
+    if !o.status.success() {
+        panic!(
+            "demo failed: {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(o)
+}
+
+fn json(path: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    )?)
+}
+
+const STAGES: [&str; 7] = [
+    "analyze",
+    "plan",
+    "convert",
+    "train",
+    "eval-perplexity",
+    "eval-retrieval",
+    "bench",
+];
+
+#[test]
+fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
+    let model = recurformer::default_model_path();
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/setup.sh",
+        model.display()
+    );
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("demo");
+
+    // First run: every stage runs.
+    let o = demo(&out, &[])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("expected time on a 2-core CPU"), "{err}");
+    let state = json(&out.join("demo_state.json"))?;
+    for s in STAGES {
+        assert_eq!(state["stages"][s]["status"], "done", "stage {s}: {state}");
+    }
+    let report = std::fs::read_to_string(out.join("REPORT.md"))?;
+    for needle in [
+        "## The answers",
+        "| 8K |",
+        "| 32K |",
+        "**Quality.**",
+        "**Speed.**",
+        "![decode speed](bench/decode_speed.png)",
+        "## 2. Training",
+    ] {
+        assert!(
+            report.contains(needle),
+            "REPORT.md lacks {needle:?}:\n{report}"
+        );
+    }
+    for png in [
+        "plan.png",
+        "trained/loss.png",
+        "bench/decode_speed.png",
+        "bench/cache_bytes.png",
+        "bench/ttft.png",
+        "eval_retrieval/needle_0.png",
+    ] {
+        assert!(out.join(png).is_file(), "{png} missing");
+    }
+    // The evaluation compared base, untrained and trained on the same windows, with real numbers.
+    let ppl = json(&out.join("eval_perplexity/eval.json"))?;
+    let res = ppl["results"].as_array().context("results")?;
+    assert_eq!(res.len(), 3);
+    for r in res {
+        let p = r["perplexity"][0]["ppl"].as_f64().context("ppl")?;
+        assert!(p.is_finite() && p > 1.0, "{r}");
+    }
+    // The converted model's cache is smaller than the base's at every context.
+    let bench = json(&out.join("bench/bench.json"))?;
+    let pts = bench["recurformer"].as_array().context("points")?;
+    for (b, h) in pts[0]
+        .as_array()
+        .context("base")?
+        .iter()
+        .zip(pts[1].as_array().context("hybrid")?)
+    {
+        assert!(
+            h["cache_bytes"].as_f64() < b["cache_bytes"].as_f64(),
+            "{b} vs {h}"
+        );
+        assert!(b["ttft_s"].as_f64().unwrap_or(0.0) > 0.0);
+    }
+
+    // Second run: nothing to do; every stage is reused and no output is rewritten.
+    let stamp = |s: &str, st: &Value| st["stages"][s]["finished_unix"].clone();
+    let model_mtime = std::fs::metadata(out.join("trained/model.safetensors"))?.modified()?;
+    let o = demo(&out, &[])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.matches(" reused ").count(),
+        STAGES.len(),
+        "every stage should be reused:\n{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(out.join("trained/model.safetensors"))?.modified()?,
+        model_mtime
+    );
+    let state2 = json(&out.join("demo_state.json"))?;
+    for s in STAGES {
+        assert_eq!(stamp(s, &state), stamp(s, &state2), "stage {s} reran");
+    }
+
+    // A different fraction keeps the analysis and reruns the plan and everything after it.
+    demo(&out, &["--fraction", "0.25"])?;
+    let state3 = json(&out.join("demo_state.json"))?;
+    assert_eq!(stamp("analyze", &state), stamp("analyze", &state3));
+    let plan = json(&out.join("plan.json"))?;
+    assert_eq!(plan["rule"]["replace_fraction"].as_f64(), Some(0.25));
+    let args: Vec<String> = state3["stages"]["plan"]["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect();
+    assert!(args.contains(&"0.25".to_string()), "{args:?}");
+    for s in STAGES {
+        assert_eq!(state3["stages"][s]["status"], "done", "stage {s}");
+    }
+    Ok(())
+}
