@@ -328,6 +328,7 @@ fn remove_outputs(st: &Stage) -> Result<()> {
 }
 
 fn minutes(secs: f64) -> String {
+    let secs = secs.max(0.0);
     if secs < 90.0 {
         format!("{secs:.0} s")
     } else {

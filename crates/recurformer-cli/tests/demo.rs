@@ -114,7 +114,7 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
     let o = demo(&out, &[])?;
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
-        err.matches(" reused ").count(),
+        err.matches("reused  ").count(),
         STAGES.len(),
         "every stage should be reused:\n{err}"
     );

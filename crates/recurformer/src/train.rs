@@ -114,8 +114,12 @@ pub enum TrainScope {
     All,
 }
 
+/// Steps timed before a time-only budget fixes the schedule's horizon (at least the warmup).
+const HORIZON_PROBE: u64 = 4;
+
 /// When to stop. Each given limit applies; the schedule's horizon is the step count the step and
-/// token limits allow, or, with only a time limit, an estimate from the first step's duration.
+/// token limits allow, or, with only a time limit, an estimate from the median duration of the
+/// first steps (after warmup, at least [`HORIZON_PROBE`] steps; the very first step excluded).
 /// With two stages, `align_share` of each limit goes to alignment and the rest to distillation
 /// (time: whatever alignment left).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -1783,7 +1787,7 @@ pub enum Event<'a> {
         step: u64,
         horizon: Option<u64>,
     },
-    /// The horizon became known (time-only budgets, after the first step).
+    /// The horizon became known (time-only budgets, after warmup).
     Horizon {
         stage: Stage,
         horizon: u64,
@@ -2247,6 +2251,8 @@ impl Run<'_, '_, '_> {
         let t_run = Instant::now();
         let elapsed0 = self.st.progress.elapsed_s;
         let mut last_eval: Option<(u64, EvalResult)> = None;
+        // Durations of the steps run by this process in this stage (for the time-only horizon).
+        let mut step_times: Vec<f64> = Vec::new();
         let stopped_by;
         loop {
             let p = &self.st.progress;
@@ -2374,11 +2380,16 @@ impl Run<'_, '_, '_> {
                 epoch,
                 index_in_epoch: idx,
             });
-            if self.st.progress.horizon.is_none() {
-                // Time-only budget: the steps that fit in the remaining time at this step's pace.
+            step_times.push(step_s);
+            if self.st.progress.horizon.is_none() && step_times.len() as u64 >= HORIZON_PROBE.max(cfg.warmup) {
+                // Time-only budget: the steps that fit in the remaining time at the median pace of
+                // the steps so far, the first excluded (it pays for allocations and cold caches,
+                // and a single slow step would shorten the whole schedule). Decided at the end of
+                // warmup at the earliest, so no learning rate used so far depended on it.
                 let sec = budget.seconds.unwrap_or(0.0);
                 let left = (sec - self.st.progress.elapsed_s).max(0.0);
-                let h = step_no + (left / step_s.max(1e-9)).floor() as u64;
+                let pace = crate::bench::median(&mut step_times[1..].to_vec());
+                let h = step_no + (left / pace.max(1e-9)).floor() as u64;
                 self.st.progress.horizon = Some(h.max(step_no));
                 if self.emit(Event::Horizon { stage, horizon: h }).is_break() {
                     return Ok(StageEnd::Stopped);

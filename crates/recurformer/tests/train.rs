@@ -364,7 +364,7 @@ fn all_parameters_train_with_correct_gradients() -> Result<()> {
     Ok(())
 }
 
-/// With only a time limit, the schedule's horizon is estimated after the first step and the
+/// With only a time limit, the schedule's horizon is estimated after the first few steps and the
 /// stage stops on time.
 #[test]
 fn a_time_budget_sets_the_horizon_and_stops() -> Result<()> {
