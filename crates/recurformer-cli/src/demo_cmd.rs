@@ -111,7 +111,7 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
             ]
             .concat(),
             outputs: vec![ps.recency.clone()],
-            estimate_s: if q { 5.0 } else { 60.0 },
+            estimate_s: if q { 5.0 } else { 50.0 },
         },
         Stage {
             name: "plan",
@@ -220,7 +220,7 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
             ]
             .concat(),
             outputs: vec![ps.eval_ppl.join("eval.json")],
-            estimate_s: if q { 10.0 } else { 300.0 },
+            estimate_s: if q { 10.0 } else { 270.0 },
         },
         Stage {
             name: "eval-retrieval",
@@ -255,7 +255,7 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
             ]
             .concat(),
             outputs: vec![ps.eval_tasks.join("eval.json")],
-            estimate_s: if q { 20.0 } else { 420.0 },
+            estimate_s: if q { 20.0 } else { 380.0 },
         },
         Stage {
             name: "bench",
@@ -278,7 +278,7 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
             ]
             .concat(),
             outputs: vec![ps.bench.join("bench.json")],
-            estimate_s: if q { 10.0 } else { 270.0 },
+            estimate_s: if q { 10.0 } else { 230.0 },
         },
     ];
     if let Some(t) = a.threads {

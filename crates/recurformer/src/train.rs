@@ -2381,7 +2381,9 @@ impl Run<'_, '_, '_> {
                 index_in_epoch: idx,
             });
             step_times.push(step_s);
-            if self.st.progress.horizon.is_none() && step_times.len() as u64 >= HORIZON_PROBE.max(cfg.warmup) {
+            if self.st.progress.horizon.is_none()
+                && step_times.len() as u64 >= HORIZON_PROBE.max(cfg.warmup)
+            {
                 // Time-only budget: the steps that fit in the remaining time at the median pace of
                 // the steps so far, the first excluded (it pays for allocations and cold caches,
                 // and a single slow step would shorten the whole schedule). Decided at the end of

@@ -137,6 +137,23 @@ pub fn read_safetensors(
         } else {
             t
         };
+        // The tensor owns a copy now: let the kernel drop the mapped file pages it was read from,
+        // so that loading does not hold the file and its copy resident at once (without this the
+        // peak RSS of loading an f32 checkpoint is twice its size).
+        #[cfg(unix)]
+        {
+            let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+            // SAFETY: MADV_DONTNEED on a read-only private file mapping only discards resident
+            // pages; a later read faults them in again from the unchanged file. No reference into
+            // this range outlives this loop iteration.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    view.data().len(),
+                )
+            };
+        }
         if out.insert(name.clone(), t).is_some() {
             bail!(
                 "tensor {name} appears twice (second time in {})",
