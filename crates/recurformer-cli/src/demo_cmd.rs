@@ -91,6 +91,7 @@ impl Paths {
 fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
     let q = a.quick;
     let base = p(base);
+    let train_minutes = s(a.train_minutes);
     let pick = |full: &[&str], quick: &[&str]| -> Vec<String> {
         (if q { quick } else { full })
             .iter()
@@ -160,8 +161,20 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                     s("--out"),
                     p(&ps.trained),
                 ],
-                if q {
-                    [
+                pick(
+                    &[
+                        "--max-minutes",
+                        &train_minutes,
+                        "--seq-len",
+                        "512",
+                        "--lr",
+                        "1e-3",
+                        "--eval-every",
+                        "25",
+                        "--save-every",
+                        "25",
+                    ],
+                    &[
                         "--max-steps",
                         "4",
                         "--seq-len",
@@ -170,24 +183,8 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                         "1",
                         "--warmup",
                         "1",
-                    ]
-                    .iter()
-                    .map(|x| s(x))
-                    .collect()
-                } else {
-                    vec![
-                        s("--max-minutes"),
-                        s(a.train_minutes),
-                        s("--seq-len"),
-                        s(512),
-                        s("--lr"),
-                        s("1e-3"),
-                        s("--eval-every"),
-                        s(25),
-                        s("--save-every"),
-                        s(25),
-                    ]
-                },
+                    ],
+                ),
             ]
             .concat(),
             outputs: vec![ps.trained.clone()],

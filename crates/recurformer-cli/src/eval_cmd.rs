@@ -119,7 +119,7 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         vec![]
     };
     let total = models.len() as u64 * (ppl_tokens(&assumed_windows) + task_tokens);
-    let pb = crate::progress_bar(total, "eval");
+    let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:30}] {percent}% of {len} tokens, {elapsed_precise} (eta {eta})",
