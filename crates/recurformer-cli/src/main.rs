@@ -179,6 +179,7 @@ struct GenerateArgs {
 }
 
 fn main() {
+    recurformer::memory::reuse_freed_memory();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

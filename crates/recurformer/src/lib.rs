@@ -17,6 +17,7 @@ pub mod io;
 pub mod llama;
 pub mod loader;
 pub mod mamba;
+pub mod memory;
 pub mod optim;
 pub mod plan;
 pub mod plot;

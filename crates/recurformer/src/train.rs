@@ -897,19 +897,13 @@ fn attention_train(
     let (b, t, _) = h.dims3()?;
     let (nh, nkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
     let g = nh / nkv;
-    let q = a
-        .q_proj
-        .forward(h)?
+    let q = linear_train(&a.q_proj, h)?
         .reshape((b, t, nh, hd))?
         .transpose(1, 2)?; // (b, nh, t, hd)
-    let k = a
-        .k_proj
-        .forward(h)?
+    let k = linear_train(&a.k_proj, h)?
         .reshape((b, t, nkv, hd))?
         .transpose(1, 2)?; // (b, nkv, t, hd)
-    let v = a
-        .v_proj
-        .forward(h)?
+    let v = linear_train(&a.v_proj, h)?
         .reshape((b, t, nkv, hd))?
         .transpose(1, 2)?; // (b, nkv, t, hd)
     let q = rope.apply(&q, cos_sin.0, cos_sin.1, opts)?;
