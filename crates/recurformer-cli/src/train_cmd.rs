@@ -25,6 +25,8 @@ pub enum StageArg {
 pub enum ScopeArg {
     /// Only the Mamba mixers (the default).
     Mixers,
+    /// The mixers and the o_proj of each converted layer.
+    MixersOproj,
     /// Every tensor of the student (distillation only; alignment always trains the mixers).
     All,
 }
@@ -125,10 +127,14 @@ pub struct TrainArgs {
     /// default 0).
     #[arg(long)]
     pub ce_weight: Option<f64>,
-    /// What distillation trains: the mixers, or every tensor of the model (fresh runs; default
-    /// mixers).
+    /// What distillation trains: the mixers, the mixers and the converted layers' o_proj, or every
+    /// tensor of the model (fresh runs; default mixers).
     #[arg(long, value_enum)]
     pub train: Option<ScopeArg>,
+    /// Learning rate of the trained pretrained tensors (o_proj, ...) as a fraction of --lr
+    /// (fresh runs; default 0.1).
+    #[arg(long)]
+    pub base_lr_ratio: Option<f64>,
     /// Seed of the data order and of the held-out split (fresh runs; default 0).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -169,6 +175,7 @@ fn apply_flags(cfg: &mut TrainConfig, a: &TrainArgs) {
     set!(warmup);
     set!(clip);
     set!(ce_weight);
+    set!(base_lr_ratio);
     set!(seed);
     set!(align_share);
     set!(eval_windows);
@@ -178,6 +185,7 @@ fn apply_flags(cfg: &mut TrainConfig, a: &TrainArgs) {
     if let Some(t) = a.train {
         cfg.scope = match t {
             ScopeArg::Mixers => TrainScope::Mixers,
+            ScopeArg::MixersOproj => TrainScope::MixersOproj,
             ScopeArg::All => TrainScope::All,
         };
     }
@@ -418,7 +426,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let c = &start_cfg;
     eprintln!(
         "train: stages {:?}, seq_len {}, batch {} x accum {} = {} tokens/step, lr {:.1e} (align {:.1e}), \
-         warmup {}, clip {}, ce_weight {}, train {:?}, seed {}, budget {:?}",
+         warmup {}, clip {}, ce_weight {}, train {:?} (pretrained tensors at {} x lr), seed {}, budget {:?}",
         c.stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
         c.seq_len,
         c.batch,
@@ -430,6 +438,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         c.clip,
         c.ce_weight,
         c.scope,
+        c.base_lr_ratio,
         c.seed,
         c.budget
     );

@@ -1,7 +1,11 @@
 //! Where the time of one distillation step goes (teacher forward, student forward, logits + loss,
-//! backward), first with glibc's default allocator settings, then after
-//! `memory::reuse_freed_memory()`, side by side in one process:
+//! backward), with glibc's default allocator settings and after `memory::reuse_freed_memory()`,
+//! side by side in one run:
 //! `cargo run --release --example distill_profile -- STUDENT_DIR [SEQ_LEN] [REPEATS]`.
+//!
+//! Each setting is measured in a fresh child process (this program run again with `--child MODE`):
+//! glibc adapts its mmap threshold to the blocks a process frees, so a second measurement in the
+//! same process would not see the defaults any more.
 use candle_core::Tensor;
 use recurformer::llama::{ForwardOptions, Model};
 use recurformer::train::{distill_losses, forward_train, logits_train, make_trainable, TrainScope};
@@ -40,24 +44,64 @@ fn profile(teacher: &Model, student: &Model, ids: &Tensor, reps: usize) -> anyho
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: distill_profile STUDENT_DIR [SEQ_LEN] [REPEATS]";
-    let student_dir = args.get(1).ok_or_else(|| anyhow::anyhow!(usage))?;
+    if args.get(1).map(String::as_str) == Some("--child") {
+        return child(&args[2..], usage);
+    }
+    ensure_arg(&args, usage)?;
+    let mut meds = Vec::new();
+    for mode in ["defaults", "reuse"] {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .arg("--child")
+            .arg(mode)
+            .args(&args[1..])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "the {mode} measurement failed: {}", out.status);
+        let line = String::from_utf8(out.stdout)?;
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .map(|x| x.parse())
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(v.len() == 5, "the {mode} measurement printed {line:?}");
+        meds.push(v);
+    }
+    let t = args.get(2).map(String::as_str).unwrap_or("512");
+    let reps = args.get(3).map(String::as_str).unwrap_or("3");
+    let (before, after) = (&meds[0], &meds[1]);
+    println!("distillation step, {t} tokens, median of {reps} (seconds), one process per column");
+    println!("| part | glibc defaults | reuse freed memory | ratio |\n|---|---|---|---|");
+    let names = ["teacher forward", "student forward", "logits + loss", "backward", "step"];
+    for (i, n) in names.iter().enumerate() {
+        println!("| {n} | {:.2} | {:.2} | {:.2}x |", before[i], after[i], before[i] / after[i]);
+    }
+    Ok(())
+}
+
+fn ensure_arg(args: &[String], usage: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(args.len() >= 2, "{usage}");
+    Ok(())
+}
+
+/// One measurement: `MODE STUDENT_DIR [SEQ_LEN] [REPEATS]`; prints the five medians on stdout.
+fn child(args: &[String], usage: &str) -> anyhow::Result<()> {
+    let mode = args.first().ok_or_else(|| anyhow::anyhow!("{usage}"))?;
+    if mode == "reuse" {
+        anyhow::ensure!(
+            recurformer::memory::reuse_freed_memory(),
+            "mallopt is not available on this platform"
+        );
+    }
+    let student_dir = args.get(1).ok_or_else(|| anyhow::anyhow!("{usage}"))?;
     let t: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(512);
     let reps: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    eprintln!("measuring with {mode} allocator settings ...");
     let teacher = recurformer::loader::load(&recurformer::default_model_path())?.model;
     let student = recurformer::loader::load(std::path::Path::new(student_dir))?.model;
     let (student, _vars) = make_trainable(&student, TrainScope::Mixers)?;
     let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 13) % 40000 + 100).collect();
     let ids = Tensor::new(ids.as_slice(), &teacher.device)?.unsqueeze(0)?;
     profile(&teacher, &student, &ids, 1)?; // warm-up
-    let before = profile(&teacher, &student, &ids, reps)?;
-    let applied = recurformer::memory::reuse_freed_memory();
-    profile(&teacher, &student, &ids, 1)?;
-    let after = profile(&teacher, &student, &ids, reps)?;
-    println!("distillation step, {t} tokens, median of {reps} (seconds); reuse_freed_memory applied: {applied}");
-    println!("| part | glibc defaults | reuse freed memory | ratio |\n|---|---|---|---|");
-    let names = ["teacher forward", "student forward", "logits + loss", "backward", "step"];
-    for (i, n) in names.iter().enumerate() {
-        println!("| {n} | {:.2} | {:.2} | {:.2}x |", before[i], after[i], before[i] / after[i]);
-    }
+    let med = profile(&teacher, &student, &ids, reps)?;
+    println!("{}", med.map(|x| x.to_string()).join(" "));
     Ok(())
 }

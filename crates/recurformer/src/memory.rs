@@ -4,9 +4,11 @@
 //! tens of MiB. glibc's malloc serves such blocks with `mmap` and unmaps them on `free` (its
 //! dynamic threshold starts at 128 KiB), so every new tensor is fresh memory that the kernel must
 //! fault in and zero page by page. Measured with `perf` on a distillation step of SmolLM2 at 512
-//! tokens (2 threads), 27 % of the samples were the kernel's `clear_page_erms`; keeping freed
-//! blocks in the heap for reuse cut the step from 6.75 s to 5.7 s (backward 4.1 s -> 3.0 s; see
-//! BENCHMARKS.md, "Training speed").
+//! tokens (2 threads), 27 % of the samples were the kernel's `clear_page_erms`. Keeping freed
+//! blocks in the heap cut an isolated step from 9.10 s to 6.88 s (`examples/distill_profile.rs`,
+//! one process per setting); inside the training loop, whose allocator has warmed up over many
+//! steps, the median distillation step of the 58-minute demo moved only from 6.08 s to 6.00 s
+//! (together with another speed-up; BENCHMARKS.md, "Training speed").
 
 /// Blocks at least this large still come from `mmap` (glibc's largest allowed threshold, 32 MiB
 /// on 64-bit): the logits of a window and whole weight tensors, allocated rarely.

@@ -44,6 +44,8 @@ pub struct ParamSlot {
     pub var: Var,
     /// Whether weight decay applies (see [`decays`]).
     pub decay: bool,
+    /// This tensor's learning rate as a multiple of the step's (1 unless set).
+    pub lr_scale: f64,
 }
 
 /// Weight decay applies to projection matrices only: not to biases, norms, A_log, D, Δ's bias or
@@ -73,7 +75,12 @@ impl AdamW {
             m.push(var.as_tensor().zeros_like()?);
             v.push(var.as_tensor().zeros_like()?);
             let decay = decays(&name, var.as_tensor().rank());
-            slots.push(ParamSlot { name, var, decay });
+            slots.push(ParamSlot {
+                name,
+                var,
+                decay,
+                lr_scale: 1.0,
+            });
         }
         Ok(AdamW {
             cfg,
@@ -82,6 +89,13 @@ impl AdamW {
             v,
             t: 0,
         })
+    }
+
+    /// Per-tensor learning-rate multipliers, by checkpoint name.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for s in &mut self.slots {
+            s.lr_scale = scale(&s.name);
+        }
     }
 
     /// Steps taken so far.
@@ -103,6 +117,7 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (i, (slot, g)) in self.slots.iter().zip(grads).enumerate() {
+            let lr = lr * slot.lr_scale;
             // Detached: the update must not extend the autograd graph of the variable.
             let p = slot.var.as_tensor().detach();
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
@@ -251,6 +266,29 @@ mod tests {
         assert!((s.lr(100) - 1e-4).abs() < 1e-12);
         let w0 = LrSchedule { warmup: 0, ..s };
         assert!((w0.lr(0) - 1e-3).abs() < 1e-12);
+    }
+
+    /// A tensor with an lr scale of 0.25 moves a quarter as far as the same tensor at scale 1
+    /// (one step, same gradient).
+    #[test]
+    fn lr_scale_scales_the_update() -> Result<()> {
+        let dev = Device::Cpu;
+        let p0 = Tensor::new(&[1.0f64, -2.0, 0.5], &dev)?;
+        let g = Tensor::new(&[0.3f64, -0.1, 2.0], &dev)?;
+        let (a, b) = (Var::from_tensor(&p0)?, Var::from_tensor(&p0)?);
+        let mut opt = AdamW::new(
+            vec![("full.bias".into(), a.clone()), ("base.bias".into(), b.clone())],
+            AdamWConfig::default(),
+        )?;
+        opt.set_lr_scales(|n| if n.starts_with("base") { 0.25 } else { 1.0 });
+        opt.step(&[g.clone(), g], 0.01)?;
+        let da = (a.as_tensor() - &p0)?.to_vec1::<f64>()?;
+        let db = (b.as_tensor() - &p0)?.to_vec1::<f64>()?;
+        for (x, y) in da.iter().zip(&db) {
+            assert!(x.abs() > 1e-3, "{x}");
+            assert!((y - x * 0.25).abs() < 1e-12, "{y} vs {x} / 4");
+        }
+        Ok(())
     }
 
     /// Two steps on a decayed matrix and an undecayed bias against the update rule of the module

@@ -108,10 +108,36 @@ impl Stage {
 
 /// Which tensors of the student the distillation stage trains (alignment always trains the mixers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TrainScope {
+    /// The Mamba mixers only.
     Mixers,
+    /// The mixers and the o_proj of every layer that has one: the mixer writes into o_proj's input
+    /// slots of the replaced heads, and a trainable o_proj lets the layer re-mix those outputs.
+    MixersOproj,
+    /// Every tensor of the student.
     All,
+}
+
+impl TrainScope {
+    /// Whether the tensor `name` trains; `mixer_layers` holds the `model.layers.{i}` prefixes of the
+    /// layers with a mixer.
+    pub fn trains(self, name: &str, mixer_layers: &[String]) -> bool {
+        match self {
+            TrainScope::All => true,
+            TrainScope::Mixers => name.contains(".mixer."),
+            TrainScope::MixersOproj => {
+                name.contains(".mixer.")
+                    || name
+                        .strip_suffix(".self_attn.o_proj.weight")
+                        .is_some_and(|layer| mixer_layers.iter().any(|p| p == layer))
+            }
+        }
+    }
+}
+
+fn default_base_lr_ratio() -> f64 {
+    0.1
 }
 
 /// Steps timed before a time-only budget fixes the schedule's horizon (at least the warmup).
@@ -155,6 +181,11 @@ pub struct TrainConfig {
     /// Weight of the cross-entropy term in distillation.
     pub ce_weight: f64,
     pub scope: TrainScope,
+    /// Learning rate of the trained tensors that are not mixer parameters (pretrained weights under
+    /// `MixersOproj` / `All`), as a fraction of the stage's learning rate: pretrained weights sit
+    /// near a good optimum and move less than freshly initialised mixers.
+    #[serde(default = "default_base_lr_ratio")]
+    pub base_lr_ratio: f64,
     pub seed: u64,
     pub budget: Budget,
     /// Share of each budget that goes to alignment when both stages run.
@@ -178,6 +209,7 @@ impl Default for TrainConfig {
             clip: 1.0,
             ce_weight: 0.0,
             scope: TrainScope::Mixers,
+            base_lr_ratio: default_base_lr_ratio(),
             seed: 0,
             budget: Budget::default(),
             align_share: 0.25,
@@ -207,7 +239,11 @@ impl TrainConfig {
             self.batch,
             self.accum
         );
-        for (what, lr) in [("lr", self.lr), ("align_lr", self.align_lr)] {
+        for (what, lr) in [
+            ("lr", self.lr),
+            ("align_lr", self.align_lr),
+            ("base_lr_ratio", self.base_lr_ratio),
+        ] {
             ensure!(
                 lr.is_finite() && lr > 0.0,
                 "{what} {lr} must be a positive number"
@@ -761,11 +797,18 @@ pub fn model_to_dtype(m: &Model, dtype: DType) -> Result<Model> {
 }
 
 /// A copy of `m` whose trained tensors are fresh `Var`s (copies: `m` is left untouched), with the
-/// vars under their checkpoint names, in `named_tensors` order. `Mixers`: the mixer tensors only.
+/// vars under their checkpoint names, in `named_tensors` order; [`TrainScope::trains`] picks them.
 pub fn make_trainable(m: &Model, scope: TrainScope) -> Result<(Model, Vec<(String, Var)>)> {
+    let mixer_layers: Vec<String> = m
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.mixer.is_some())
+        .map(|(i, _)| format!("model.layers.{i}"))
+        .collect();
     let mut vars = Vec::new();
     let model = map_model(m, &mut |name, t| {
-        if scope == TrainScope::All || name.contains(".mixer.") {
+        if scope.trains(name, &mixer_layers) {
             // detach() so that an existing Var is copied rather than shared.
             let v = Var::from_tensor(&t.detach())?;
             let out = v.as_tensor().clone();
@@ -2196,6 +2239,13 @@ impl Run<'_, '_, '_> {
         };
         let (model_t, vars) = make_trainable(student, scope)?;
         let mut opt = AdamW::new(vars.clone(), cfg.adamw)?;
+        opt.set_lr_scales(|name| {
+            if name.contains(".mixer.") {
+                1.0
+            } else {
+                cfg.base_lr_ratio
+            }
+        });
         if self.st.progress.step > 0 {
             opt.load_state(opt_state, self.st.optimizer_steps)
                 .context("the checkpoint's optimizer state does not fit the model")?;

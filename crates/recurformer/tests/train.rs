@@ -364,6 +364,56 @@ fn all_parameters_train_with_correct_gradients() -> Result<()> {
     Ok(())
 }
 
+/// `--train mixers-oproj`: the mixers and the o_proj of the layers that have a mixer train;
+/// every other tensor, the o_proj of an unconverted layer included, stays as it was.
+#[test]
+fn mixers_oproj_trains_the_converted_layers_o_proj_only() -> Result<()> {
+    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![]], Init::Attention)?;
+    let (_, vars) = make_trainable(&h, TrainScope::MixersOproj)?;
+    let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"model.layers.0.self_attn.o_proj.weight"), "{names:?}");
+    assert!(names.iter().any(|n| n.contains(".mixer.")), "{names:?}");
+    for n in &names {
+        assert!(
+            n.starts_with("model.layers.0.")
+                && (n.contains(".mixer.") || *n == "model.layers.0.self_attn.o_proj.weight"),
+            "{n} should not train"
+        );
+    }
+    let tmp = tempfile::tempdir()?;
+    let data = tiny_data()?;
+    let out = tmp.path().join("oproj");
+    let mut cfg = tiny_config(vec![Stage::Distill], 3);
+    cfg.scope = TrainScope::MixersOproj;
+    cfg.base_lr_ratio = 0.5;
+    run(
+        &session(&h, &base, &data, &out),
+        Start::Fresh(cfg),
+        RunOptions {
+            eval_every: 0,
+            save_every: 0,
+        },
+        &|_, _| false,
+    )?;
+    let after = tensors(&out, "model.safetensors")?;
+    let before: HashMap<String, Tensor> =
+        recurformer::hybrid::named_tensors(&h).into_iter().collect();
+    assert_ne!(
+        bits(&after["model.layers.0.self_attn.o_proj.weight"])?,
+        bits(&before["model.layers.0.self_attn.o_proj.weight"])?,
+        "the converted layer's o_proj did not train"
+    );
+    for name in [
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "lm_head.weight",
+    ] {
+        assert_eq!(bits(&after[name])?, bits(&before[name])?, "{name} changed");
+    }
+    Ok(())
+}
+
 /// With only a time limit, the schedule's horizon is estimated after the first few steps and the
 /// stage stops on time.
 #[test]
