@@ -96,6 +96,28 @@ pub fn run(args: PlanArgs) -> Result<()> {
             .map(|l| l.mamba_heads.len())
             .sum::<usize>()
     );
+    if let recurformer::plan::Selection::ReplaceFraction {
+        replace_fraction,
+        requested_groups,
+    } = plan.rule.selection
+    {
+        if plan.replaced_groups() < requested_groups {
+            eprintln!(
+                "warning: --replace-fraction {replace_fraction} asks for {requested_groups} groups, but \
+                 --min-attention-groups-per-layer {} leaves at most {} per layer ({} in all); \
+                 replaced {} instead",
+                plan.rule.min_attention_groups_per_layer,
+                shape
+                    .num_key_value_heads
+                    .saturating_sub(plan.rule.min_attention_groups_per_layer),
+                shape.num_layers
+                    * shape
+                        .num_key_value_heads
+                        .saturating_sub(plan.rule.min_attention_groups_per_layer),
+                plan.replaced_groups()
+            );
+        }
+    }
     println!("\npredicted cache (f32; KV of kept groups + Mamba conv/SSM state, vs the base KV):");
     print!("{}", plan.cache_table());
 

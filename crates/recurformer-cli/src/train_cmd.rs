@@ -424,9 +424,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let c = &start_cfg;
+    let scope = match c.scope {
+        TrainScope::Mixers => "mixers".to_string(),
+        s => format!("{s:?} (pretrained tensors at {} x lr)", c.base_lr_ratio),
+    };
     eprintln!(
         "train: stages {:?}, seq_len {}, batch {} x accum {} = {} tokens/step, lr {:.1e} (align {:.1e}), \
-         warmup {}, clip {}, ce_weight {}, train {:?} (pretrained tensors at {} x lr), seed {}, budget {:?}",
+         warmup {}, clip {}, ce_weight {}, train {}, seed {}, budget {:?}",
         c.stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
         c.seq_len,
         c.batch,
@@ -437,8 +441,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         c.warmup,
         c.clip,
         c.ce_weight,
-        c.scope,
-        c.base_lr_ratio,
+        scope,
         c.seed,
         c.budget
     );

@@ -143,5 +143,35 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
     for s in STAGES {
         assert_eq!(state3["stages"][s]["status"], "done", "stage {s}");
     }
+
+    // A fraction the per-layer minimum cannot honour (90 % of 30 x 3 groups while every layer
+    // keeps one) is capped at 2 of 3 groups per layer, and `plan` says so.
+    let capped = dir.path().join("capped.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_recurformer"))
+        .args(["plan", "--recency"])
+        .arg(out.join("recency.json"))
+        .args([
+            "--replace-fraction",
+            "0.9",
+            "--min-attention-groups-per-layer",
+            "1",
+            "--out",
+        ])
+        .arg(&capped)
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("asks for 81 groups") && err.contains("replaced 60 instead"),
+        "{err}"
+    );
+    let plan = json(&capped)?;
+    let replaced: usize = plan["layers"]
+        .as_array()
+        .context("layers")?
+        .iter()
+        .map(|l| l["mamba_groups"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(replaced, 60);
     Ok(())
 }

@@ -12,7 +12,12 @@ use recurformer::train::{distill_losses, forward_train, logits_train, make_train
 use std::time::Instant;
 
 /// Median seconds of [teacher, student forward, logits + loss, backward, total] over `reps` steps.
-fn profile(teacher: &Model, student: &Model, ids: &Tensor, reps: usize) -> anyhow::Result<[f64; 5]> {
+fn profile(
+    teacher: &Model,
+    student: &Model,
+    ids: &Tensor,
+    reps: usize,
+) -> anyhow::Result<[f64; 5]> {
     let t = ids.dim(1)?;
     let mut rows: Vec<[f64; 5]> = Vec::new();
     for _ in 0..reps {
@@ -56,7 +61,11 @@ fn main() -> anyhow::Result<()> {
             .args(&args[1..])
             .stderr(std::process::Stdio::inherit())
             .output()?;
-        anyhow::ensure!(out.status.success(), "the {mode} measurement failed: {}", out.status);
+        anyhow::ensure!(
+            out.status.success(),
+            "the {mode} measurement failed: {}",
+            out.status
+        );
         let line = String::from_utf8(out.stdout)?;
         let v: Vec<f64> = line
             .split_whitespace()
@@ -70,9 +79,20 @@ fn main() -> anyhow::Result<()> {
     let (before, after) = (&meds[0], &meds[1]);
     println!("distillation step, {t} tokens, median of {reps} (seconds), one process per column");
     println!("| part | glibc defaults | reuse freed memory | ratio |\n|---|---|---|---|");
-    let names = ["teacher forward", "student forward", "logits + loss", "backward", "step"];
+    let names = [
+        "teacher forward",
+        "student forward",
+        "logits + loss",
+        "backward",
+        "step",
+    ];
     for (i, n) in names.iter().enumerate() {
-        println!("| {n} | {:.2} | {:.2} | {:.2}x |", before[i], after[i], before[i] / after[i]);
+        println!(
+            "| {n} | {:.2} | {:.2} | {:.2}x |",
+            before[i],
+            after[i],
+            before[i] / after[i]
+        );
     }
     Ok(())
 }
@@ -98,7 +118,9 @@ fn child(args: &[String], usage: &str) -> anyhow::Result<()> {
     let teacher = recurformer::loader::load(&recurformer::default_model_path())?.model;
     let student = recurformer::loader::load(std::path::Path::new(student_dir))?.model;
     let (student, _vars) = make_trainable(&student, TrainScope::Mixers)?;
-    let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 13) % 40000 + 100).collect();
+    let ids: Vec<u32> = (0..t as u32)
+        .map(|i| (i * 7919 + 13) % 40000 + 100)
+        .collect();
     let ids = Tensor::new(ids.as_slice(), &teacher.device)?.unsqueeze(0)?;
     profile(&teacher, &student, &ids, 1)?; // warm-up
     let med = profile(&teacher, &student, &ids, reps)?;

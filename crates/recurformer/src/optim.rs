@@ -277,7 +277,10 @@ mod tests {
         let g = Tensor::new(&[0.3f64, -0.1, 2.0], &dev)?;
         let (a, b) = (Var::from_tensor(&p0)?, Var::from_tensor(&p0)?);
         let mut opt = AdamW::new(
-            vec![("full.bias".into(), a.clone()), ("base.bias".into(), b.clone())],
+            vec![
+                ("full.bias".into(), a.clone()),
+                ("base.bias".into(), b.clone()),
+            ],
             AdamWConfig::default(),
         )?;
         opt.set_lr_scales(|n| if n.starts_with("base") { 0.25 } else { 1.0 });

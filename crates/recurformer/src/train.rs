@@ -140,6 +140,12 @@ fn default_base_lr_ratio() -> f64 {
     0.1
 }
 
+/// `base_lr_ratio` of a checkpoint written before the setting existed: those runs trained every
+/// tensor at the full learning rate, and a resume keeps doing so.
+fn legacy_base_lr_ratio() -> f64 {
+    1.0
+}
+
 /// Steps timed before a time-only budget fixes the schedule's horizon (at least the warmup).
 const HORIZON_PROBE: u64 = 4;
 
@@ -184,7 +190,7 @@ pub struct TrainConfig {
     /// Learning rate of the trained tensors that are not mixer parameters (pretrained weights under
     /// `MixersOproj` / `All`), as a fraction of the stage's learning rate: pretrained weights sit
     /// near a good optimum and move less than freshly initialised mixers.
-    #[serde(default = "default_base_lr_ratio")]
+    #[serde(default = "legacy_base_lr_ratio")]
     pub base_lr_ratio: f64,
     pub seed: u64,
     pub budget: Budget,
@@ -2096,6 +2102,7 @@ impl Run<'_, '_, '_> {
                 "adamw": cfg.adamw, "clip": cfg.clip,
                 "ce_weight": if stage == Stage::Distill { cfg.ce_weight } else { 0.0 },
                 "scope": if stage == Stage::Align { TrainScope::Mixers } else { cfg.scope },
+                "base_lr_ratio": cfg.base_lr_ratio,
                 "seed": cfg.seed,
                 "data": {"train": self.s.data.train_sources, "heldout": self.s.data.heldout_sources,
                          "train_tokens": self.st.data.train_tokens,

@@ -371,7 +371,10 @@ fn mixers_oproj_trains_the_converted_layers_o_proj_only() -> Result<()> {
     let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![]], Init::Attention)?;
     let (_, vars) = make_trainable(&h, TrainScope::MixersOproj)?;
     let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-    assert!(names.contains(&"model.layers.0.self_attn.o_proj.weight"), "{names:?}");
+    assert!(
+        names.contains(&"model.layers.0.self_attn.o_proj.weight"),
+        "{names:?}"
+    );
     assert!(names.iter().any(|n| n.contains(".mixer.")), "{names:?}");
     for n in &names {
         assert!(
