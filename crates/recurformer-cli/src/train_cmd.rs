@@ -127,6 +127,11 @@ pub struct TrainArgs {
     /// default 0).
     #[arg(long)]
     pub ce_weight: Option<f64>,
+    /// Weight of a hidden-state term added to the distillation loss: the normalised MSE between
+    /// the student's and the teacher's normalised input of every layer after the first converted
+    /// one, and of the final norm (fresh runs; default 0).
+    #[arg(long)]
+    pub hidden_weight: Option<f64>,
     /// What distillation trains: the mixers, the mixers and the converted layers' o_proj, or every
     /// tensor of the model (fresh runs; default mixers).
     #[arg(long, value_enum)]
@@ -175,6 +180,7 @@ fn apply_flags(cfg: &mut TrainConfig, a: &TrainArgs) {
     set!(warmup);
     set!(clip);
     set!(ce_weight);
+    set!(hidden_weight);
     set!(base_lr_ratio);
     set!(seed);
     set!(align_share);
@@ -430,7 +436,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     eprintln!(
         "train: stages {:?}, seq_len {}, batch {} x accum {} = {} tokens/step, lr {:.1e} (align {:.1e}), \
-         warmup {}, clip {}, ce_weight {}, train {}, seed {}, budget {:?}",
+         warmup {}, clip {}, ce_weight {}, hidden_weight {}, train {}, seed {}, budget {:?}",
         c.stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
         c.seq_len,
         c.batch,
@@ -441,6 +447,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         c.warmup,
         c.clip,
         c.ce_weight,
+        c.hidden_weight,
         scope,
         c.seed,
         c.budget
@@ -516,9 +523,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             } => {
                 let line = match (result.kl, result.ce) {
                     (Some(kl), Some(ce)) => format!(
-                        "{} step {step}: held-out KL {kl:.4}, CE {ce:.4} (ppl {:.2})",
+                        "{} step {step}: held-out KL {kl:.4}, CE {ce:.4} (ppl {:.2}){}",
                         stage.name(),
-                        ce.exp()
+                        ce.exp(),
+                        result
+                            .hidden
+                            .map(|h| format!(", hidden NMSE {h:.4}"))
+                            .unwrap_or_default()
                     ),
                     _ => format!(
                         "{} step {step}: held-out normalised MSE {:.4}",

@@ -101,7 +101,9 @@ impl Stage {
     pub fn loss_name(&self) -> &'static str {
         match self {
             Stage::Align => "normalised MSE of the replaced heads' pre-o_proj outputs",
-            Stage::Distill => "KL(teacher || student) per token (+ ce_weight x cross-entropy)",
+            Stage::Distill => {
+                "KL(teacher || student) per token (+ ce_weight x cross-entropy, + hidden_weight x layer-input NMSE)"
+            }
         }
     }
 }
@@ -186,6 +188,12 @@ pub struct TrainConfig {
     pub clip: f64,
     /// Weight of the cross-entropy term in distillation.
     pub ce_weight: f64,
+    /// Weight of the hidden-state term in distillation: the mean over layers (from the first
+    /// converted layer on, and the final norm) of the normalised MSE between the student's and the
+    /// teacher's normalised layer inputs, each model on its own forward. Absent from older
+    /// checkpoints' state, which trained without it.
+    #[serde(default)]
+    pub hidden_weight: f64,
     pub scope: TrainScope,
     /// Learning rate of the trained tensors that are not mixer parameters (pretrained weights under
     /// `MixersOproj` / `All`), as a fraction of the stage's learning rate: pretrained weights sit
@@ -214,6 +222,7 @@ impl Default for TrainConfig {
             adamw: AdamWConfig::default(),
             clip: 1.0,
             ce_weight: 0.0,
+            hidden_weight: 0.0,
             scope: TrainScope::Mixers,
             base_lr_ratio: default_base_lr_ratio(),
             seed: 0,
@@ -265,11 +274,12 @@ impl TrainConfig {
             "clip {} must be >= 0",
             self.clip
         );
-        ensure!(
-            self.ce_weight.is_finite() && self.ce_weight >= 0.0,
-            "ce_weight {} must be >= 0",
-            self.ce_weight
-        );
+        for (what, w) in [
+            ("ce_weight", self.ce_weight),
+            ("hidden_weight", self.hidden_weight),
+        ] {
+            ensure!(w.is_finite() && w >= 0.0, "{what} {w} must be >= 0");
+        }
         let a = &self.adamw;
         ensure!(
             (0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2) && a.eps > 0.0,
@@ -976,6 +986,16 @@ fn attention_train(
 /// Equal to `Model::forward_hidden` on the eager path (tested), but gradients flow through the
 /// kept heads' keys and values too.
 pub fn forward_train(m: &Model, ids: &Tensor) -> Result<Tensor> {
+    Ok(forward_train_states(m, ids, false)?.0)
+}
+
+/// [`forward_train`], also returning every layer's normalised input (b, t, d) when `collect` is
+/// set (empty otherwise), in layer order.
+pub fn forward_train_states(
+    m: &Model,
+    ids: &Tensor,
+    collect: bool,
+) -> Result<(Tensor, Vec<Tensor>)> {
     let (b, t) = ids.dims2()?;
     ensure!(t >= 1, "forward called with no tokens");
     let max_id = ids.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
@@ -997,8 +1017,12 @@ pub fn forward_train(m: &Model, ids: &Tensor) -> Result<Tensor> {
     let (cos, sin) = m.rope.tables(0, t, &m.device)?; // (t, hd/2)
     let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
     let mask = causal_mask(t, dtype, &m.device)?;
+    let mut states = Vec::with_capacity(if collect { m.layers.len() } else { 0 });
     for layer in &m.layers {
         let h = layer.input_layernorm.forward(&x, &opts)?; // (b, t, d)
+        if collect {
+            states.push(h.clone());
+        }
         let mut parts = Vec::with_capacity(2);
         if let Some(a) = &layer.self_attn {
             parts.push(attention_train(a, &m.rope, &h, (&cos, &sin), &mask, &opts)?);
@@ -1019,7 +1043,7 @@ pub fn forward_train(m: &Model, ids: &Tensor) -> Result<Tensor> {
         let up = linear_train(&mlp.up_proj, &h)?;
         x = (&x + linear_train(&mlp.down_proj, &(gate * up)?)?)?;
     }
-    m.norm.forward(&x, &opts)
+    Ok((m.norm.forward(&x, &opts)?, states))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1366,34 +1390,84 @@ fn align_micro(
     Ok(MicroResult { loss, parts, grads })
 }
 
-/// Stage 2 on one micro-batch.
+/// Mean normalised MSE between the student's and the teacher's normalised layer inputs, from the
+/// layer after the first converted one to the final norm's output (earlier layers see identical
+/// inputs in both models). Matching the residual stream at every depth gives each mixer a direct
+/// signal besides the one that reaches it through the logits, in the spirit of the hidden-state
+/// stage of MOHAWK (Bick et al. 2024, "Transformers to SSMs"), except that here each model runs
+/// on its own inputs end to end instead of the student's block on the teacher's input.
+pub fn hidden_state_loss(
+    student: &Model,
+    s_states: &[Tensor],
+    s_final: &Tensor,
+    t_states: &[Tensor],
+    t_final: &Tensor,
+) -> Result<Tensor> {
+    let start = student
+        .layers
+        .iter()
+        .position(|l| l.mixer.is_some())
+        .map_or(0, |f| f + 1);
+    let mut terms = vec![normalised_mse(
+        s_final,
+        &t_final.to_dtype(s_final.dtype())?,
+    )?];
+    for (s, t) in s_states.iter().zip(t_states).skip(start) {
+        terms.push(normalised_mse(s, &t.to_dtype(s.dtype())?)?);
+    }
+    let n = terms.len() as f64;
+    Ok((Tensor::stack(&terms, 0)?.sum_all()? / n)?)
+}
+
+/// Stage 2 on one micro-batch: parts [KL, CE, hidden-state NMSE (0 when its weight is 0)].
 fn distill_micro(
     teacher: &Model,
     student: &Model,
     ids: &Tensor,
     ce_weight: f64,
+    hidden_weight: f64,
     vars: Option<&[(String, Var)]>,
 ) -> Result<MicroResult> {
-    let tl = teacher_logits(teacher, ids)?;
-    let h = forward_train(student, ids)?;
+    let with_hidden = hidden_weight > 0.0;
+    let (tl, t_hidden) = if with_hidden {
+        // The teacher on the same eager path as the student, keeping its layer inputs.
+        let (h, states) = forward_train_states(teacher, ids, true)?;
+        let states: Vec<Tensor> = states.iter().map(|s| s.detach()).collect();
+        (teacher.logits(&h)?.detach(), Some((h.detach(), states)))
+    } else {
+        (teacher_logits(teacher, ids)?, None)
+    };
+    let (h, s_states) = forward_train_states(student, ids, with_hidden)?;
     let logits = logits_train(student, &h)?;
     let (kl, ce) = distill_losses(&logits, &tl, ids)?;
+    let hidden = match &t_hidden {
+        Some((t_final, t_states)) => Some(hidden_state_loss(
+            student, &s_states, &h, t_states, t_final,
+        )?),
+        None => None,
+    };
     let (klv, cev) = (scalar(&kl)?, scalar(&ce)?);
-    let loss = klv + ce_weight * cev;
+    let hv = match &hidden {
+        Some(x) => scalar(x)?,
+        None => 0.0,
+    };
+    let loss = klv + ce_weight * cev + hidden_weight * hv;
     let grads = match vars {
         Some(v) if loss.is_finite() => {
-            let total = if ce_weight > 0.0 {
-                (kl + (ce * ce_weight)?)?
-            } else {
-                kl
-            };
+            let mut total = kl;
+            if ce_weight > 0.0 {
+                total = (total + (ce * ce_weight)?)?;
+            }
+            if let Some(x) = hidden {
+                total = (total + (x * hidden_weight)?)?;
+            }
             grads_in_order(&total.backward()?, v)?
         }
         _ => Vec::new(),
     };
     Ok(MicroResult {
         loss,
-        parts: vec![klv, cev],
+        parts: vec![klv, cev, hv],
         grads,
     })
 }
@@ -1407,6 +1481,9 @@ pub struct EvalResult {
     pub kl: Option<f64>,
     /// distill: the student's cross-entropy (nats per token; exp gives perplexity).
     pub ce: Option<f64>,
+    /// distill with a hidden-state weight: the mean normalised MSE of the layer inputs.
+    #[serde(default)]
+    pub hidden: Option<f64>,
 }
 
 /// The stage's loss on fixed held-out windows (no gradients).
@@ -1417,23 +1494,27 @@ pub fn evaluate(
     windows: &[&[u32]],
     batch: usize,
     ce_weight: f64,
+    hidden_weight: f64,
 ) -> Result<EvalResult> {
     let conv = match stage {
         Stage::Align => converted_layers(student)?,
         Stage::Distill => Vec::new(),
     };
-    let (mut loss, mut kl, mut ce, mut n) = (0f64, 0f64, 0f64, 0usize);
+    let (mut loss, mut kl, mut ce, mut hid, mut n) = (0f64, 0f64, 0f64, 0f64, 0usize);
     for chunk in windows.chunks(batch.max(1)) {
         let ids = ids_tensor(chunk, &student.device)?;
         let r = match stage {
             Stage::Align => align_micro(teacher, student, &conv, &ids, None)?,
-            Stage::Distill => distill_micro(teacher, student, &ids, ce_weight, None)?,
+            Stage::Distill => {
+                distill_micro(teacher, student, &ids, ce_weight, hidden_weight, None)?
+            }
         };
         let w = chunk.len() as f64;
         loss += r.loss * w;
         if stage == Stage::Distill {
             kl += r.parts[0] * w;
             ce += r.parts[1] * w;
+            hid += r.parts[2] * w;
         }
         n += chunk.len();
     }
@@ -1442,6 +1523,7 @@ pub fn evaluate(
         loss: loss / n,
         kl: (stage == Stage::Distill).then_some(kl / n),
         ce: (stage == Stage::Distill).then_some(ce / n),
+        hidden: (stage == Stage::Distill && hidden_weight > 0.0).then_some(hid / n),
     })
 }
 
@@ -1812,7 +1894,7 @@ pub struct StepRecord {
     pub step: u64,
     pub horizon: Option<u64>,
     pub loss: f64,
-    /// align: normalised MSE per converted layer; distill: [KL, CE].
+    /// align: normalised MSE per converted layer; distill: [KL, CE, hidden-state NMSE].
     pub parts: Vec<f64>,
     pub grad_norm: f64,
     pub lr: f64,
@@ -2101,6 +2183,7 @@ impl Run<'_, '_, '_> {
                 "lr": cfg.stage_lr(stage), "min_lr_ratio": cfg.min_lr_ratio, "warmup": cfg.warmup,
                 "adamw": cfg.adamw, "clip": cfg.clip,
                 "ce_weight": if stage == Stage::Distill { cfg.ce_weight } else { 0.0 },
+                "hidden_weight": if stage == Stage::Distill { cfg.hidden_weight } else { 0.0 },
                 "scope": if stage == Stage::Align { TrainScope::Mixers } else { cfg.scope },
                 "base_lr_ratio": cfg.base_lr_ratio,
                 "seed": cfg.seed,
@@ -2219,11 +2302,13 @@ impl Run<'_, '_, '_> {
             windows,
             cfg.batch,
             cfg.ce_weight,
+            cfg.hidden_weight,
         )?;
         let step = self.st.progress.step;
         self.record(json!({"kind": "eval", "stage": stage.name(),
             "stage_index": self.st.progress.stage_index, "step": step,
-            "heldout_loss": r.loss, "heldout_kl": r.kl, "heldout_ce": r.ce}))?;
+            "heldout_loss": r.loss, "heldout_kl": r.kl, "heldout_ce": r.ce,
+            "heldout_hidden": r.hidden}))?;
         let flow = self.emit(Event::Eval {
             stage,
             step,
@@ -2341,6 +2426,7 @@ impl Run<'_, '_, '_> {
                         &model_t,
                         &ids,
                         cfg.ce_weight,
+                        cfg.hidden_weight,
                         Some(vars.as_slice()),
                     )?,
                 };

@@ -13,9 +13,9 @@ use recurformer::llama::{AttentionImpl, ForwardOptions, Model};
 use recurformer::plan::Plan;
 use recurformer::recency::Calibration;
 use recurformer::train::{
-    distill_losses, forward_train, logits_train, make_trainable, map_model, model_to_dtype,
-    read_resume_point, train, Budget, Event, RunOptions, Session, Stage, Start, TokenDocument,
-    TrainConfig, TrainData, TrainOutcome, TrainScope,
+    distill_losses, forward_train, forward_train_states, hidden_state_loss, logits_train,
+    make_trainable, map_model, model_to_dtype, read_resume_point, train, Budget, Event, RunOptions,
+    Session, Stage, Start, TokenDocument, TrainConfig, TrainData, TrainOutcome, TrainScope,
 };
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -273,6 +273,114 @@ fn student_gradients_match_finite_differences() -> Result<()> {
         println!("{target}[{idx}]: finite difference {fd:.8e}, autograd {ad:.8e}, rel {rel:.1e}");
         assert!(rel <= 1e-5, "{target}[{idx}]: fd {fd} vs autograd {ad}");
     }
+    Ok(())
+}
+
+/// The hidden-state term of distillation (`--hidden-weight`): zero for a student equal to its
+/// teacher, positive for a conversion, and its mixer gradients agree with finite differences
+/// (f64), layer 0's mixer reaching layer 1's input directly and the final state through layer 1.
+#[test]
+fn hidden_state_loss_gradients_match_finite_differences() -> Result<()> {
+    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?;
+    let (h64, base64) = (
+        model_to_dtype(&h, DType::F64)?,
+        model_to_dtype(&base, DType::F64)?,
+    );
+    let docs = byte_docs("emma.txt", 9100, 2, 12)?;
+    let flat: Vec<u32> = docs.iter().flat_map(|d| d.ids.clone()).collect();
+    let ids = Tensor::from_vec(flat, (2, 12), &Device::Cpu)?;
+    let (t_final, t_states) = forward_train_states(&base64, &ids, true)?;
+    assert_eq!(t_states.len(), base64.layers.len());
+    let same = hidden_state_loss(&base64, &t_states, &t_final, &t_states, &t_final)?;
+    assert_eq!(same.to_scalar::<f64>()?, 0.0);
+    let loss_of = |m: &Model| -> Result<Tensor> {
+        let (f, st) = forward_train_states(m, &ids, true)?;
+        hidden_state_loss(m, &st, &f, &t_states, &t_final)
+    };
+    let (hm, vars) = make_trainable(&h64, TrainScope::Mixers)?;
+    let l0 = loss_of(&hm)?;
+    let l0v = l0.to_scalar::<f64>()?;
+    println!("hidden-state NMSE of the untrained conversion: {l0v:.4e}");
+    assert!(l0v > 0.0 && l0v.is_finite());
+    let g = l0.backward()?;
+    let eps = 1e-5;
+    for (target, idx) in [
+        ("model.layers.0.mixer.x_proj.weight", 7usize),
+        ("model.layers.0.mixer.A_log", 0),
+        ("model.layers.1.mixer.C_proj.weight", 11),
+        ("model.layers.1.mixer.norm.weight", 5),
+    ] {
+        let loss_perturbed = |delta: f64| -> Result<f64> {
+            let m = map_model(&h64, &mut |name, t| {
+                if name != target {
+                    return Ok(t.clone());
+                }
+                let mut v = t.flatten_all()?.to_vec1::<f64>()?;
+                v[idx] += delta;
+                Ok(Tensor::from_vec(v, t.dims(), t.device())?)
+            })?;
+            Ok(loss_of(&m)?.to_scalar::<f64>()?)
+        };
+        let fd = (loss_perturbed(eps)? - loss_perturbed(-eps)?) / (2.0 * eps);
+        let var = &vars.iter().find(|(n, _)| n == target).context("var")?.1;
+        let ad = g
+            .get(var.as_tensor())
+            .with_context(|| format!("{target}: no gradient"))?
+            .flatten_all()?
+            .to_vec1::<f64>()?[idx];
+        let rel = (fd - ad).abs() / fd.abs().max(ad.abs()).max(1e-10);
+        println!("{target}[{idx}]: finite difference {fd:.8e}, autograd {ad:.8e}, rel {rel:.1e}");
+        assert!(ad != 0.0, "{target}: zero gradient");
+        assert!(rel <= 1e-5, "{target}[{idx}]: fd {fd} vs autograd {ad}");
+    }
+    Ok(())
+}
+
+/// Distillation with the hidden-state term on the tiny model: the held-out evaluation reports
+/// the term, it falls with training, and the step log carries it as a third part.
+#[test]
+fn distillation_with_the_hidden_state_term_lowers_it() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?;
+    let data = tiny_data()?;
+    let out = tmp.path().join("trained");
+    let s = session(&h, &base, &data, &out);
+    let mut cfg = tiny_config(vec![Stage::Distill], 20);
+    cfg.hidden_weight = 1.0;
+    let o = run(
+        &s,
+        Start::Fresh(cfg),
+        RunOptions {
+            eval_every: 0,
+            save_every: 0,
+        },
+        &|_, _| false,
+    )?;
+    let d = &o.state.progress.done[0];
+    let (a, b) = (
+        d.heldout_start.as_ref().context("start")?,
+        d.heldout_end.as_ref().context("end")?,
+    );
+    let (ha, hb) = (a.hidden.context("hidden")?, b.hidden.context("hidden")?);
+    println!(
+        "held-out hidden NMSE {ha:.5} -> {hb:.5}, KL {:.5} -> {:.5}, loss {:.5} -> {:.5}",
+        a.kl.unwrap(),
+        b.kl.unwrap(),
+        a.loss,
+        b.loss
+    );
+    assert!(hb < ha, "hidden NMSE {ha} -> {hb}");
+    assert!(b.loss < a.loss);
+    assert!(
+        (a.loss - (a.kl.unwrap() + ha)).abs() < 1e-9,
+        "loss = KL + 1.0 x hidden"
+    );
+    let log = read_log(&out)?;
+    let steps: Vec<&serde_json::Value> = log.iter().filter(|r| r["kind"] == "step").collect();
+    assert_eq!(steps.len(), 20);
+    let parts = steps[0]["parts"].as_array().context("parts")?;
+    assert_eq!(parts.len(), 3);
+    assert!(parts[2].as_f64().context("hidden part")? > 0.0);
     Ok(())
 }
 
