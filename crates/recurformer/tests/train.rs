@@ -177,6 +177,48 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Central finite differences (f64, step 1e-5) of `loss_of` at one element of each probed tensor
+/// of `model` against the autograd gradient in `g` of the matching var; relative error <= 1e-5,
+/// and the gradient must not be zero.
+fn assert_gradients_match_finite_differences(
+    model: &Model,
+    vars: &[(String, candle_core::Var)],
+    g: &candle_core::backprop::GradStore,
+    probes: &[(&str, usize)],
+    loss_of: &dyn Fn(&Model) -> Result<Tensor>,
+) -> Result<()> {
+    let eps = 1e-5;
+    for &(target, idx) in probes {
+        let loss_perturbed = |delta: f64| -> Result<f64> {
+            let m = map_model(model, &mut |name, t| {
+                if name != target {
+                    return Ok(t.clone());
+                }
+                let mut v = t.flatten_all()?.to_vec1::<f64>()?;
+                v[idx] += delta;
+                Ok(Tensor::from_vec(v, t.dims(), t.device())?)
+            })?;
+            Ok(loss_of(&m)?.to_scalar::<f64>()?)
+        };
+        let fd = (loss_perturbed(eps)? - loss_perturbed(-eps)?) / (2.0 * eps);
+        let var = &vars
+            .iter()
+            .find(|(n, _)| n == target)
+            .with_context(|| format!("{target}: not a trained tensor"))?
+            .1;
+        let ad = g
+            .get(var.as_tensor())
+            .with_context(|| format!("{target}: no gradient"))?
+            .flatten_all()?
+            .to_vec1::<f64>()?[idx];
+        let rel = (fd - ad).abs() / fd.abs().max(ad.abs()).max(1e-10);
+        println!("{target}[{idx}]: finite difference {fd:.8e}, autograd {ad:.8e}, rel {rel:.1e}");
+        assert!(ad != 0.0, "{target}[{idx}]: zero gradient");
+        assert!(rel <= 1e-5, "{target}[{idx}]: fd {fd} vs autograd {ad}");
+    }
+    Ok(())
+}
+
 #[test]
 fn training_forward_equals_the_model_forward() -> Result<()> {
     let eager = ForwardOptions {
@@ -249,30 +291,7 @@ fn student_gradients_match_finite_differences() -> Result<()> {
         ("model.layers.1.mixer.x_proj.weight", 100),
         ("model.layers.1.mixer.dt_bias", 1),
     ];
-    let eps = 1e-5;
-    for (target, idx) in probes {
-        let loss_perturbed = |delta: f64| -> Result<f64> {
-            let m = map_model(&h64, &mut |name, t| {
-                if name != target {
-                    return Ok(t.clone());
-                }
-                let mut v = t.flatten_all()?.to_vec1::<f64>()?;
-                v[idx] += delta;
-                Ok(Tensor::from_vec(v, t.dims(), t.device())?)
-            })?;
-            Ok(loss_of(&m)?.to_scalar::<f64>()?)
-        };
-        let fd = (loss_perturbed(eps)? - loss_perturbed(-eps)?) / (2.0 * eps);
-        let var = &vars.iter().find(|(n, _)| n == target).context("var")?.1;
-        let ad = g
-            .get(var.as_tensor())
-            .context("grad")?
-            .flatten_all()?
-            .to_vec1::<f64>()?[idx];
-        let rel = (fd - ad).abs() / fd.abs().max(ad.abs()).max(1e-10);
-        println!("{target}[{idx}]: finite difference {fd:.8e}, autograd {ad:.8e}, rel {rel:.1e}");
-        assert!(rel <= 1e-5, "{target}[{idx}]: fd {fd} vs autograd {ad}");
-    }
+    assert_gradients_match_finite_differences(&h64, &vars, &g, &probes, &loss_of)?;
     Ok(())
 }
 
@@ -303,36 +322,18 @@ fn hidden_state_loss_gradients_match_finite_differences() -> Result<()> {
     println!("hidden-state NMSE of the untrained conversion: {l0v:.4e}");
     assert!(l0v > 0.0 && l0v.is_finite());
     let g = l0.backward()?;
-    let eps = 1e-5;
-    for (target, idx) in [
-        ("model.layers.0.mixer.x_proj.weight", 7usize),
-        ("model.layers.0.mixer.A_log", 0),
-        ("model.layers.1.mixer.C_proj.weight", 11),
-        ("model.layers.1.mixer.norm.weight", 5),
-    ] {
-        let loss_perturbed = |delta: f64| -> Result<f64> {
-            let m = map_model(&h64, &mut |name, t| {
-                if name != target {
-                    return Ok(t.clone());
-                }
-                let mut v = t.flatten_all()?.to_vec1::<f64>()?;
-                v[idx] += delta;
-                Ok(Tensor::from_vec(v, t.dims(), t.device())?)
-            })?;
-            Ok(loss_of(&m)?.to_scalar::<f64>()?)
-        };
-        let fd = (loss_perturbed(eps)? - loss_perturbed(-eps)?) / (2.0 * eps);
-        let var = &vars.iter().find(|(n, _)| n == target).context("var")?.1;
-        let ad = g
-            .get(var.as_tensor())
-            .with_context(|| format!("{target}: no gradient"))?
-            .flatten_all()?
-            .to_vec1::<f64>()?[idx];
-        let rel = (fd - ad).abs() / fd.abs().max(ad.abs()).max(1e-10);
-        println!("{target}[{idx}]: finite difference {fd:.8e}, autograd {ad:.8e}, rel {rel:.1e}");
-        assert!(ad != 0.0, "{target}: zero gradient");
-        assert!(rel <= 1e-5, "{target}[{idx}]: fd {fd} vs autograd {ad}");
-    }
+    assert_gradients_match_finite_differences(
+        &h64,
+        &vars,
+        &g,
+        &[
+            ("model.layers.0.mixer.x_proj.weight", 7usize),
+            ("model.layers.0.mixer.A_log", 0),
+            ("model.layers.1.mixer.C_proj.weight", 11),
+            ("model.layers.1.mixer.norm.weight", 5),
+        ],
+        &loss_of,
+    )?;
     Ok(())
 }
 
@@ -412,38 +413,21 @@ fn all_parameters_train_with_correct_gradients() -> Result<()> {
         let m = gv.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(m > 0.0 && m.is_finite(), "{name}: |grad| max {m}");
     }
-    let eps = 1e-5;
-    for (target, idx) in [
-        ("model.embed_tokens.weight", 101 * 64 + 3),
-        ("model.layers.0.self_attn.o_proj.weight", 7 * 64 + 40),
-        ("model.layers.1.self_attn.k_proj.weight", 9),
-        ("model.layers.0.mlp.down_proj.weight", 77),
-        ("model.layers.1.input_layernorm.weight", 5),
-        ("model.norm.weight", 2),
-        ("lm_head.weight", 104 * 64 + 1),
-    ] {
-        let loss_perturbed = |delta: f64| -> Result<f64> {
-            let m = map_model(&h64, &mut |name, t| {
-                if name != target {
-                    return Ok(t.clone());
-                }
-                let mut v = t.flatten_all()?.to_vec1::<f64>()?;
-                v[idx] += delta;
-                Ok(Tensor::from_vec(v, t.dims(), t.device())?)
-            })?;
-            Ok(loss_of(&m)?.to_scalar::<f64>()?)
-        };
-        let fd = (loss_perturbed(eps)? - loss_perturbed(-eps)?) / (2.0 * eps);
-        let var = &vars.iter().find(|(n, _)| n == target).context("var")?.1;
-        let ad = g
-            .get(var.as_tensor())
-            .context("grad")?
-            .flatten_all()?
-            .to_vec1::<f64>()?[idx];
-        let rel = (fd - ad).abs() / fd.abs().max(ad.abs()).max(1e-10);
-        println!("{target}[{idx}]: finite difference {fd:.8e}, autograd {ad:.8e}, rel {rel:.1e}");
-        assert!(rel <= 1e-5, "{target}[{idx}]: fd {fd} vs autograd {ad}");
-    }
+    assert_gradients_match_finite_differences(
+        &h64,
+        &vars,
+        &g,
+        &[
+            ("model.embed_tokens.weight", 101 * 64 + 3),
+            ("model.layers.0.self_attn.o_proj.weight", 7 * 64 + 40),
+            ("model.layers.1.self_attn.k_proj.weight", 9),
+            ("model.layers.0.mlp.down_proj.weight", 77),
+            ("model.layers.1.input_layernorm.weight", 5),
+            ("model.norm.weight", 2),
+            ("lm_head.weight", 104 * 64 + 1),
+        ],
+        &loss_of,
+    )?;
     // A short run with every tensor trained changes tensors outside the mixers too.
     let tmp = tempfile::tempdir()?;
     let data = tiny_data()?;
