@@ -177,6 +177,20 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The tiny Llama converted at group 0 of layer 0 and group 1 of layer 1, base and hybrid in f64,
+/// and two windows of `len` bytes of Emma from byte `skip`: the setting of the gradient tests.
+/// Layer 0's mixer reaches the loss through layer 1's kept attention and its mixer.
+fn f64_hybrid_and_windows(skip: usize, len: usize) -> Result<(Model, Model, Tensor)> {
+    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?;
+    let docs = byte_docs("emma.txt", skip, 2, len)?;
+    let flat: Vec<u32> = docs.iter().flat_map(|d| d.ids.clone()).collect();
+    Ok((
+        model_to_dtype(&base, DType::F64)?,
+        model_to_dtype(&h, DType::F64)?,
+        Tensor::from_vec(flat, (2, len), &Device::Cpu)?,
+    ))
+}
+
 /// Central finite differences (f64, step 1e-5) of `loss_of` at one element of each probed tensor
 /// of `model` against the autograd gradient in `g` of the matching var; relative error <= 1e-5,
 /// and the gradient must not be zero.
@@ -253,14 +267,7 @@ fn training_forward_equals_the_model_forward() -> Result<()> {
 fn student_gradients_match_finite_differences() -> Result<()> {
     // Layer 0 replaces group 0, layer 1 group 1: layer 0's mixer reaches the loss through layer
     // 1's kept attention (queries, keys and values) and its mixer.
-    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?;
-    let (h64, base64) = (
-        model_to_dtype(&h, DType::F64)?,
-        model_to_dtype(&base, DType::F64)?,
-    );
-    let docs = byte_docs("emma.txt", 9000, 2, 14)?;
-    let flat: Vec<u32> = docs.iter().flat_map(|d| d.ids.clone()).collect();
-    let ids = Tensor::from_vec(flat, (2, 14), &Device::Cpu)?;
+    let (base64, h64, ids) = f64_hybrid_and_windows(9000, 14)?;
     let teacher_logits = base64.logits(&forward_train(&base64, &ids)?)?;
     let loss_of = |m: &Model| -> Result<Tensor> {
         let logits = logits_train(m, &forward_train(m, &ids)?)?;
@@ -300,14 +307,7 @@ fn student_gradients_match_finite_differences() -> Result<()> {
 /// (f64), layer 0's mixer reaching layer 1's input directly and the final state through layer 1.
 #[test]
 fn hidden_state_loss_gradients_match_finite_differences() -> Result<()> {
-    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?;
-    let (h64, base64) = (
-        model_to_dtype(&h, DType::F64)?,
-        model_to_dtype(&base, DType::F64)?,
-    );
-    let docs = byte_docs("emma.txt", 9100, 2, 12)?;
-    let flat: Vec<u32> = docs.iter().flat_map(|d| d.ids.clone()).collect();
-    let ids = Tensor::from_vec(flat, (2, 12), &Device::Cpu)?;
+    let (base64, h64, ids) = f64_hybrid_and_windows(9100, 12)?;
     let (t_final, t_states) = forward_train_states(&base64, &ids, true)?;
     assert_eq!(t_states.len(), base64.layers.len());
     let same = hidden_state_loss(&base64, &t_states, &t_final, &t_states, &t_final)?;
@@ -390,14 +390,7 @@ fn distillation_with_the_hidden_state_term_lowers_it() -> Result<()> {
 /// reorder, the embedding through its lookup).
 #[test]
 fn all_parameters_train_with_correct_gradients() -> Result<()> {
-    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?;
-    let (h64, base64) = (
-        model_to_dtype(&h, DType::F64)?,
-        model_to_dtype(&base, DType::F64)?,
-    );
-    let docs = byte_docs("emma.txt", 12000, 2, 12)?;
-    let flat: Vec<u32> = docs.iter().flat_map(|d| d.ids.clone()).collect();
-    let ids = Tensor::from_vec(flat, (2, 12), &Device::Cpu)?;
+    let (base64, h64, ids) = f64_hybrid_and_windows(12000, 12)?;
     let teacher_logits = base64.logits(&forward_train(&base64, &ids)?)?;
     let loss_of = |m: &Model| -> Result<Tensor> {
         let logits = logits_train(m, &forward_train(m, &ids)?)?;
@@ -429,6 +422,7 @@ fn all_parameters_train_with_correct_gradients() -> Result<()> {
         &loss_of,
     )?;
     // A short run with every tensor trained changes tensors outside the mixers too.
+    let (base, h) = tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?;
     let tmp = tempfile::tempdir()?;
     let data = tiny_data()?;
     let out = tmp.path().join("all");
