@@ -36,8 +36,8 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 0.5)]
     ce_weight: f64,
     /// Weight of the hidden-state term in distillation: the normalised MSE between the student's
-    /// and the base model's input to every layer (BENCHMARKS.md, "Hidden-state term"); 0 turns it
-    /// off.
+    /// and the base model's input to every layer (BENCHMARKS.md, "Hidden-state term in
+    /// distillation"); 0 turns it off.
     #[arg(long, default_value_t = HIDDEN_WEIGHT)]
     hidden_weight: f64,
     /// CPU threads for tensor ops (default: all cores).
@@ -53,7 +53,7 @@ pub(crate) struct DemoArgs {
 }
 
 /// The demo's hidden-state weight: 4 lowered the held-out cross-entropy most of 0, 1, 4 and 16 after
-/// 40 distillation steps (BENCHMARKS.md, "Hidden-state term").
+/// 40 distillation steps (BENCHMARKS.md, "Hidden-state term in distillation").
 const HIDDEN_WEIGHT: f64 = 4.0;
 
 /// One pipeline stage: a subcommand of this binary, what it writes, and how long it is expected

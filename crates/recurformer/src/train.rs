@@ -1440,17 +1440,11 @@ fn distill_micro(
     let (h, s_states) = forward_train_states(student, ids, with_hidden)?;
     let logits = logits_train(student, &h)?;
     let (kl, ce) = distill_losses(&logits, &tl, ids)?;
-    let hidden = match &t_hidden {
-        Some((t_final, t_states)) => Some(hidden_state_loss(
-            student, &s_states, &h, t_states, t_final,
-        )?),
-        None => None,
-    };
+    let hidden = t_hidden
+        .map(|(t_final, t_states)| hidden_state_loss(student, &s_states, &h, &t_states, &t_final))
+        .transpose()?;
     let (klv, cev) = (scalar(&kl)?, scalar(&ce)?);
-    let hv = match &hidden {
-        Some(x) => scalar(x)?,
-        None => 0.0,
-    };
+    let hv = hidden.as_ref().map(scalar).transpose()?.unwrap_or(0.0);
     let loss = klv + ce_weight * cev + hidden_weight * hv;
     let grads = match vars {
         Some(v) if loss.is_finite() => {
