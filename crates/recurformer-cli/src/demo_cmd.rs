@@ -796,26 +796,38 @@ fn report(
         rel(out, &ps.plan_png)
     ));
 
-    md.push_str("\n## 2. Training\n\n| stage | steps | tokens | wall | tokens/s | held-out loss |\n|---|---|---|---|---|---|\n");
+    md.push_str("\n## 2. Training\n\n| stage | steps | tokens | wall | tokens/s | held-out loss | held-out KL |\n|---|---|---|---|---|---|---|\n");
     for d in train["progress"]["done"].as_array().into_iter().flatten() {
         let (tok, el) = (
             d["tokens"].as_f64().unwrap_or(0.0),
             d["elapsed_s"].as_f64().unwrap_or(0.0),
         );
+        let kl = match (
+            d["heldout_start"]["kl"].as_f64(),
+            d["heldout_end"]["kl"].as_f64(),
+        ) {
+            (Some(a), Some(b)) => format!("{a:.3} -> {b:.3}"),
+            _ => String::new(),
+        };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.3} -> {:.3} |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.3} -> {:.3} | {} |\n",
             d["stage"].as_str().unwrap_or(""),
             d["steps"],
             d["tokens"],
             minutes(el),
             if el > 0.0 { tok / el } else { 0.0 },
             d["heldout_start"]["loss"].as_f64().unwrap_or(f64::NAN),
-            d["heldout_end"]["loss"].as_f64().unwrap_or(f64::NAN)
+            d["heldout_end"]["loss"].as_f64().unwrap_or(f64::NAN),
+            kl
         ));
     }
     md.push_str(&format!(
         "\nAlignment loss: normalised MSE of each mixer against the replaced heads' outputs; \
-         distillation loss: KL(base || RecurFormer) per token.\n\n![loss curves]({})\n",
+         distillation loss: KL(base || RecurFormer) per token + {} x the cross-entropy on the text \
+         + {} x the normalised MSE of every layer's input (KL alone in its own column). Held-out \
+         figures are on windows of the training length.\n\n![loss curves]({})\n",
+        a.ce_weight,
+        a.hidden_weight,
         rel(out, &ps.trained.join("loss.png"))
     ));
 
