@@ -183,7 +183,8 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                 ],
                 // 256-token windows and held-out evaluations / checkpoints every 100 steps: at 50 %
                 // of the groups and 58 minutes this reached 1.035x the base's perplexity at 2K
-                // against 1.10x with 512 and 25 (BENCHMARKS.md, "256-token windows for 58 minutes").
+                // against 1.10x with 512 and 25 (BENCHMARKS.md, "256-token windows for 58
+                // minutes").
                 pick(
                     &[
                         "--max-minutes",
