@@ -5,8 +5,9 @@
 use crate::{human_bytes, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Args;
-use recurformer::bench::BenchPoint;
-use recurformer::plot::{line_chart, LineChart, Series};
+use recurformer::eval::bench::BenchPoint;
+use recurformer::formats::io::shown_path;
+use recurformer::report::{line_chart, LineChart, Series};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -15,9 +16,8 @@ pub(crate) struct BenchArgs {
     /// the default model. Each runs in its own child process, so peak memory is its own.
     #[arg(long = "model", short = 'm')]
     pub models: Vec<PathBuf>,
-    /// CPU threads for tensor ops (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub threads: crate::ThreadArgs,
     /// Context lengths (tokens of prompt before decoding), run in this order.
     #[arg(long, num_args = 1.., default_values_t = [1024usize, 4096, 8192])]
     pub contexts: Vec<usize>,
@@ -73,9 +73,9 @@ struct WorkerReport {
 }
 
 pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
-    use recurformer::bench::{bench_point, tokens_at_least};
+    use recurformer::eval::bench::{bench_point, tokens_at_least};
     a.model.apply_threads();
-    let loaded = recurformer::loader::load(&a.model.path())?;
+    let loaded = recurformer::checkpoint::loader::load(&a.model.path())?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
     let max_ctx = a.contexts.iter().copied().max().unwrap_or(0);
@@ -83,7 +83,7 @@ pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
     // Warm-up: first-touch allocations and thread-pool start are not part of any figure.
     bench_point(&loaded.model, &ids, 16.min(max_ctx), 2, 1)?;
     let points = if a.incremental {
-        recurformer::bench::bench_series(&loaded.model, &ids, &a.contexts, a.decode_steps)?
+        recurformer::eval::bench::bench_series(&loaded.model, &ids, &a.contexts, a.decode_steps)?
     } else {
         a.contexts
             .iter()
@@ -104,8 +104,7 @@ pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
             human_bytes(p.peak_rss_bytes as f64)
         );
     }
-    let (kv_bytes_per_token, state_bytes) =
-        recurformer::hybrid::cache_bytes_per_token_and_state(&loaded.model);
+    let (kv_bytes_per_token, state_bytes) = loaded.model.cache_bytes_per_token_and_state();
     let report = WorkerReport {
         points,
         kv_bytes_per_token,
@@ -123,7 +122,7 @@ pub(crate) fn short_name(p: &Path) -> String {
 }
 
 pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
-    let threads = a.threads.unwrap_or_else(|| {
+    let threads = a.threads.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -277,18 +276,18 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let v = serde_json::json!({
-            "models": models.iter().map(|m| m.display().to_string()).collect::<Vec<_>>(),
+            "models": models.iter().map(|m| shown_path(m)).collect::<Vec<_>>(),
             "threads": threads, "decode_steps": a.decode_steps, "repeats": a.repeats,
-            "incremental": a.incremental, "contexts": a.contexts, "text": text_path.display().to_string(),
+            "incremental": a.incremental, "contexts": a.contexts, "text": shown_path(&text_path),
             "recurformer": ours,
             "cache_layout": reports.iter().map(|r| serde_json::json!({
                 "kv_bytes_per_token": r.kv_bytes_per_token, "state_bytes": r.state_bytes})).collect::<Vec<_>>(),
             "reference": reference});
-        recurformer::io::write_atomic(
+        recurformer::formats::io::write_atomic(
             &dir.join("bench.json"),
             serde_json::to_string_pretty(&v)?.as_bytes(),
         )?;
-        recurformer::io::write_atomic(&dir.join("bench.md"), md.as_bytes())?;
+        recurformer::formats::io::write_atomic(&dir.join("bench.md"), md.as_bytes())?;
         let names: Vec<String> = models.iter().map(|m| short_name(m)).collect();
         let layouts: Vec<(usize, usize)> = reports
             .iter()

@@ -10,6 +10,7 @@
 use crate::human_bytes;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use recurformer::formats::io::shown_path;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -40,9 +41,8 @@ pub(crate) struct DemoArgs {
     /// distillation"); 0 turns it off.
     #[arg(long, default_value_t = HIDDEN_WEIGHT)]
     hidden_weight: f64,
-    /// CPU threads for tensor ops (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: crate::ThreadArgs,
     /// Smoke run with tiny sizes everywhere (a few minutes; checks the pipeline, the numbers mean
     /// nothing).
     #[arg(long)]
@@ -68,12 +68,56 @@ struct Stage {
     estimate_s: f64,
 }
 
-fn s<T: ToString>(x: T) -> String {
-    x.to_string()
+/// One stage's command line, built flag by flag: the subcommand, then `--flag value...` pairs, the
+/// flags that differ between a full and a `--quick` run, and `--threads` where the demo was given it.
+struct StageArgs {
+    args: Vec<String>,
+    quick: bool,
 }
 
-fn p(x: &Path) -> String {
-    x.display().to_string()
+impl StageArgs {
+    fn new(subcommand: &str, quick: bool) -> Self {
+        StageArgs {
+            args: vec![subcommand.to_string()],
+            quick,
+        }
+    }
+
+    /// `flag` followed by each of `values` (`--contexts 1024 4096`; one value for most flags).
+    fn flag<T: std::fmt::Display>(mut self, flag: &str, values: &[T]) -> Self {
+        self.args.push(flag.to_string());
+        self.args.extend(values.iter().map(|v| v.to_string()));
+        self
+    }
+
+    /// `flag path`.
+    fn path(self, flag: &str, path: &Path) -> Self {
+        self.flag(flag, &[shown_path(path)])
+    }
+
+    /// `-m model` for each model, in order.
+    fn models(self, models: &[&Path]) -> Self {
+        models.iter().fold(self, |a, m| a.path("-m", m))
+    }
+
+    /// The words of `full` in a full run, those of `quick` in a `--quick` run.
+    fn sizes(mut self, full: &[&str], quick: &[&str]) -> Self {
+        let words = if self.quick { quick } else { full };
+        self.args.extend(words.iter().map(|w| w.to_string()));
+        self
+    }
+
+    /// `--threads n` when the demo was given a thread count.
+    fn threads(self, threads: crate::ThreadArgs) -> Self {
+        match threads.threads {
+            Some(n) => self.flag("--threads", &[n]),
+            None => self,
+        }
+    }
+
+    fn build(self) -> Vec<String> {
+        self.args
+    }
 }
 
 struct Paths {
@@ -104,91 +148,64 @@ impl Paths {
 
 fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
     let q = a.quick;
-    let base = p(base);
-    let train_minutes = s(a.train_minutes);
-    let ce_weight = s(a.ce_weight);
-    let hidden_weight = s(a.hidden_weight);
-    let pick = |full: &[&str], quick: &[&str]| -> Vec<String> {
-        (if q { quick } else { full })
-            .iter()
-            .map(|x| s(x))
-            .collect()
-    };
-    let mut v = vec![
+    let cmd = |sub: &str| StageArgs::new(sub, q);
+    vec![
         Stage {
             name: "analyze",
             what: "recency of every attention head on Austen (Persuasion held out)",
-            args: [
-                vec![s("analyze"), s("--model"), base.clone()],
-                pick(
+            args: cmd("analyze")
+                .path("--model", base)
+                .sizes(
                     &["--sequences", "8", "--seq-len", "1024"],
                     &["--sequences", "2", "--seq-len", "128"],
-                ),
-                vec![s("--out"), p(&ps.recency)],
-            ]
-            .concat(),
+                )
+                .path("--out", &ps.recency)
+                .threads(a.threads)
+                .build(),
             outputs: vec![ps.recency.clone()],
             estimate_s: if q { 5.0 } else { 50.0 },
         },
         Stage {
             name: "plan",
             what: "choose the most recency-aware KV groups",
-            args: vec![
-                s("plan"),
-                s("--recency"),
-                p(&ps.recency),
-                s("--replace-fraction"),
-                s(a.fraction),
-                s("--min-attention-groups-per-layer"),
-                s(1),
-                s("--out"),
-                p(&ps.plan),
-                s("--heatmap"),
-                p(&ps.plan_png),
-            ],
+            args: cmd("plan")
+                .path("--recency", &ps.recency)
+                .flag("--replace-fraction", &[a.fraction])
+                .flag("--min-attention-groups-per-layer", &[1])
+                .path("--out", &ps.plan)
+                .path("--heatmap", &ps.plan_png)
+                .build(),
             outputs: vec![ps.plan.clone(), ps.plan_png.clone()],
             estimate_s: 2.0,
         },
         Stage {
             name: "convert",
             what: "replace them by Mamba mixers initialised from the heads",
-            args: vec![
-                s("convert"),
-                s("--model"),
-                base.clone(),
-                s("--plan"),
-                p(&ps.plan),
-                s("--out"),
-                p(&ps.converted),
-            ],
+            args: cmd("convert")
+                .path("--model", base)
+                .path("--plan", &ps.plan)
+                .path("--out", &ps.converted)
+                .threads(a.threads)
+                .build(),
             outputs: vec![ps.converted.clone()],
             estimate_s: 10.0,
         },
         Stage {
             name: "train",
             what: "alignment, then distillation from the base model",
-            args: [
-                vec![
-                    s("train"),
-                    s("--model"),
-                    p(&ps.converted),
-                    s("--teacher"),
-                    base.clone(),
-                    s("--out"),
-                    p(&ps.trained),
-                    s("--ce-weight"),
-                    ce_weight,
-                    s("--hidden-weight"),
-                    hidden_weight,
-                ],
-                // 256-token windows and held-out evaluations / checkpoints every 100 steps: at 50 %
-                // of the groups and 58 minutes this reached 1.035x the base's perplexity at 2K
-                // against 1.10x with 512 and 25 (BENCHMARKS.md, "256-token windows for 58
-                // minutes").
-                pick(
+            // 256-token windows and held-out evaluations / checkpoints every 100 steps: at 50 % of
+            // the groups and 58 minutes this reached 1.035x the base's perplexity at 2K against
+            // 1.10x with 512 and 25 (BENCHMARKS.md, "256-token windows for 58 minutes").
+            args: cmd("train")
+                .path("--model", &ps.converted)
+                .path("--teacher", base)
+                .path("--out", &ps.trained)
+                .flag("--ce-weight", &[a.ce_weight])
+                .flag("--hidden-weight", &[a.hidden_weight])
+                .sizes(
                     &[
                         "--max-minutes",
-                        &train_minutes,
+                        &a.train_minutes.to_string(),
                         "--seq-len",
                         "256",
                         "--lr",
@@ -208,9 +225,9 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                         "--warmup",
                         "1",
                     ],
-                ),
-            ]
-            .concat(),
+                )
+                .threads(a.threads)
+                .build(),
             outputs: vec![ps.trained.clone()],
             estimate_s: if q {
                 30.0
@@ -221,42 +238,26 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
         Stage {
             name: "eval-perplexity",
             what: "held-out perplexity (Persuasion) and cache: base, untrained, trained",
-            args: [
-                vec![
-                    s("eval"),
-                    s("-m"),
-                    base.clone(),
-                    s("-m"),
-                    p(&ps.converted),
-                    s("-m"),
-                    p(&ps.trained),
-                    s("--tasks"),
-                    s("perplexity,cache"),
-                ],
-                pick(
+            args: cmd("eval")
+                .models(&[base, &ps.converted, &ps.trained])
+                .flag("--tasks", &["perplexity,cache"])
+                .sizes(
                     &["--context", "512", "2048", "--limit", "8"],
                     &["--context", "128", "--limit", "1"],
-                ),
-                vec![s("--out"), p(&ps.eval_ppl)],
-            ]
-            .concat(),
+                )
+                .path("--out", &ps.eval_ppl)
+                .threads(a.threads)
+                .build(),
             outputs: vec![ps.eval_ppl.join("eval.json")],
             estimate_s: if q { 10.0 } else { 270.0 },
         },
         Stage {
             name: "eval-retrieval",
             what: "needle-in-a-haystack and HashHop: base vs trained",
-            args: [
-                vec![
-                    s("eval"),
-                    s("-m"),
-                    base.clone(),
-                    s("-m"),
-                    p(&ps.trained),
-                    s("--tasks"),
-                    s("needle,hashhop"),
-                ],
-                pick(
+            args: cmd("eval")
+                .models(&[base, &ps.trained])
+                .flag("--tasks", &["needle,hashhop"])
+                .sizes(
                     &[
                         "--task-context",
                         "1024",
@@ -271,44 +272,30 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                         "2",
                     ],
                     &["--task-context", "256", "--depths", "0.5", "--hops", "1"],
-                ),
-                vec![s("--out"), p(&ps.eval_tasks)],
-            ]
-            .concat(),
+                )
+                .path("--out", &ps.eval_tasks)
+                .threads(a.threads)
+                .build(),
             outputs: vec![ps.eval_tasks.join("eval.json")],
             estimate_s: if q { 20.0 } else { 380.0 },
         },
         Stage {
             name: "bench",
             what: "time to first token, decode speed, cache and memory at 1K/4K/8K",
-            args: [
-                vec![
-                    s("bench"),
-                    s("-m"),
-                    base,
-                    s("-m"),
-                    p(&ps.trained),
-                    s("--reference"),
-                    s("none"),
-                ],
-                pick(
+            args: cmd("bench")
+                .models(&[base, &ps.trained])
+                .flag("--reference", &["none"])
+                .sizes(
                     &["--contexts", "1024", "4096", "8192"],
                     &["--contexts", "128", "256", "--decode-steps", "4"],
-                ),
-                vec![s("--out"), p(&ps.bench)],
-            ]
-            .concat(),
+                )
+                .path("--out", &ps.bench)
+                .threads(a.threads)
+                .build(),
             outputs: vec![ps.bench.join("bench.json")],
             estimate_s: if q { 10.0 } else { 230.0 },
         },
-    ];
-    if let Some(t) = a.threads {
-        for st in v.iter_mut().filter(|st| st.name != "plan") {
-            st.args.push(s("--threads"));
-            st.args.push(s(t));
-        }
-    }
-    v
+    ]
 }
 
 /// `<out>/demo_state.json`: per stage, its arguments, status ("started" or "done") and seconds.
@@ -334,7 +321,7 @@ fn load_state(path: &Path) -> Result<Value> {
 }
 
 fn save_state(path: &Path, v: &Value) -> Result<()> {
-    recurformer::io::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
+    recurformer::formats::io::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
 fn remove_outputs(st: &Stage) -> Result<()> {
@@ -414,7 +401,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         .sum();
     eprintln!(
         "recurformer demo: {} -> {} ({} of KV groups to Mamba), report in {}",
-        base.display(),
+        shown_path(&base),
         if a.quick {
             "quick smoke run"
         } else {
@@ -461,14 +448,11 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
             && rec["status"] == "started"
             && ps.trained.join("train_state.json").exists();
         let args: Vec<String> = if resume {
-            let mut v = vec![s("train"), s("--resume"), p(&ps.trained)];
-            if !a.quick {
-                v.extend([s("--max-minutes"), s(a.train_minutes)]);
-            }
-            if let Some(t) = a.threads {
-                v.extend([s("--threads"), s(t)]);
-            }
-            v
+            StageArgs::new("train", a.quick)
+                .path("--resume", &ps.trained)
+                .sizes(&["--max-minutes", &a.train_minutes.to_string()], &[])
+                .threads(a.threads)
+                .build()
         } else {
             remove_outputs(st)?;
             st.args.clone()
@@ -523,7 +507,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     }
     let report = report(&a, &base, &ps, &stages, &reuse, &state)?;
     let report_path = a.out.join("REPORT.md");
-    recurformer::io::write_atomic(&report_path, report.as_bytes())?;
+    recurformer::formats::io::write_atomic(&report_path, report.as_bytes())?;
     eprintln!(
         "\ndemo finished in {}; report: {}",
         minutes(t_all.elapsed().as_secs_f64()),
@@ -635,7 +619,7 @@ fn report(
         "# RecurFormer demo report\n\n\
          Base model `{}`; {:.0} % of its KV groups replaced by Mamba mixers, trained for {}.\n\n\
          - command: `{cmd}`{}\n- machine: {}{}\n- finished: {}; stage wall time in all {}\n\n",
-        base.display(),
+        shown_path(base),
         100.0 * a.fraction,
         if a.quick {
             "4 steps (--quick: a smoke run, the numbers mean nothing)".to_string()
@@ -645,6 +629,7 @@ fn report(
         if a.quick { " (quick smoke run)" } else { "" },
         machine(),
         a.threads
+            .threads
             .map(|t| format!(", {t} threads"))
             .unwrap_or_default(),
         now_utc(),

@@ -6,6 +6,7 @@ use crate::bench_cmd::short_name;
 use crate::human_bytes;
 use anyhow::{bail, Result};
 use clap::Args;
+use recurformer::formats::io::shown_path;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -15,9 +16,8 @@ pub(crate) struct EvalArgs {
     /// the default model.
     #[arg(long = "model", short = 'm')]
     pub models: Vec<PathBuf>,
-    /// CPU threads for tensor ops (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub threads: crate::ThreadArgs,
     /// Tasks, comma-separated: perplexity, cache, needle, hashhop.
     #[arg(long, value_delimiter = ',', default_value = "perplexity,cache")]
     pub tasks: Vec<String>,
@@ -53,11 +53,9 @@ pub(crate) struct EvalArgs {
 const TASKS: [&str; 4] = ["perplexity", "cache", "needle", "hashhop"];
 
 pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
-    use recurformer::data::{load_documents, token_stream};
-    use recurformer::tasks::{HashHopConfig, NeedleConfig};
-    if let Some(n) = a.threads {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    use recurformer::eval::tasks::{HashHopConfig, NeedleConfig};
+    use recurformer::formats::text::{load_documents, token_stream};
+    a.threads.apply();
     let models = if a.models.is_empty() {
         vec![recurformer::default_model_path()]
     } else {
@@ -111,7 +109,7 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     let per_case: u64 = task_contexts.iter().map(|&c| c as u64).sum();
     let task_tokens = (has("needle") as u64) * per_case * (a.depths.len() * a.samples) as u64
         + (has("hashhop") as u64) * per_case * (a.hops.len() * a.samples) as u64;
-    let mut first = Some(recurformer::loader::load(&models[0])?);
+    let mut first = Some(recurformer::checkpoint::loader::load(&models[0])?);
     let assumed_windows = if has("perplexity") {
         let f = first.as_ref().expect("loaded above");
         ppl_windows(token_stream(&docs, f.tokenizer()?, None)?.len())
@@ -131,11 +129,11 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     for (mi, path) in models.iter().enumerate() {
         let loaded = match first.take() {
             Some(l) => l,
-            None => recurformer::loader::load(path)?,
+            None => recurformer::checkpoint::loader::load(path)?,
         };
         let m = &loaded.model;
         let short = short_name(path);
-        let mut entry = json!({"model": path.display().to_string()});
+        let mut entry = json!({"model": shown_path(path)});
         if has("perplexity") {
             let tokens = token_stream(&docs, loaded.tokenizer()?, None)?;
             let w = ppl_windows(tokens.len());
@@ -150,34 +148,39 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
                     mi + 1,
                     models.len()
                 ));
-                let r = recurformer::eval::perplexity(m, &tokens, c, a.limit, &mut |n| {
-                    pb.inc(n as u64)
-                })?;
+                let r =
+                    recurformer::eval::perplexity::perplexity(m, &tokens, c, a.limit, &mut |n| {
+                        pb.inc(n as u64)
+                    })?;
                 ppl.push(r);
             }
             entry["perplexity"] = serde_json::to_value(&ppl)?;
         }
         if has("needle") {
             pb.set_message(format!("[{}/{}] {short}: needle", mi + 1, models.len()));
-            let r =
-                recurformer::tasks::run_needle(m, loaded.tokenizer()?, &needle_cfg, &mut |n| {
-                    pb.inc(n as u64)
-                })?;
+            let r = recurformer::eval::tasks::run_needle(
+                m,
+                loaded.tokenizer()?,
+                &needle_cfg,
+                &mut |n| pb.inc(n as u64),
+            )?;
             let png = a.out.join(format!("needle_{mi}.png"));
-            recurformer::plot::needle_heatmap(&r, &path.display().to_string(), &png)?;
+            recurformer::report::needle_heatmap(&r, &shown_path(path), &png)?;
             entry["needle"] = serde_json::to_value(&r)?;
             entry["needle_png"] = json!(png.file_name().map(|f| f.to_string_lossy()));
         }
         if has("hashhop") {
             pb.set_message(format!("[{}/{}] {short}: hashhop", mi + 1, models.len()));
-            let r =
-                recurformer::tasks::run_hashhop(m, loaded.tokenizer()?, &hashhop_cfg, &mut |n| {
-                    pb.inc(n as u64)
-                })?;
+            let r = recurformer::eval::tasks::run_hashhop(
+                m,
+                loaded.tokenizer()?,
+                &hashhop_cfg,
+                &mut |n| pb.inc(n as u64),
+            )?;
             entry["hashhop"] = serde_json::to_value(&r)?;
         }
         if has("cache") {
-            let (kv_tok, state) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
+            let (kv_tok, state) = m.cache_bytes_per_token_and_state();
             let cache: Vec<Value> = a
                 .context
                 .iter()
@@ -190,14 +193,14 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     pb.finish_and_clear();
     let table = markdown(&results);
     print!("{table}");
-    let json = json!({"data": data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
+    let json = json!({"data": data.iter().map(|d| shown_path(d)).collect::<Vec<_>>(),
         "limit": a.limit, "contexts": a.context, "task_contexts": task_contexts, "tasks": a.tasks,
         "results": results});
-    recurformer::io::write_atomic(
+    recurformer::formats::io::write_atomic(
         &a.out.join("eval.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    recurformer::io::write_atomic(&a.out.join("eval.md"), table.as_bytes())?;
+    recurformer::formats::io::write_atomic(&a.out.join("eval.md"), table.as_bytes())?;
     eprintln!("wrote {}/eval.json and eval.md", a.out.display());
     Ok(())
 }

@@ -2,8 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use recurformer::generate::{generate, GenerateRequest, Sampler, SamplingParams};
-use recurformer::tokenizer::ChatMessage;
+use recurformer::formats::io::shown_path;
+use recurformer::formats::tokenizer::ChatMessage;
+use recurformer::model::generate::{generate, GenerateRequest, Sampler, SamplingParams};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
@@ -25,16 +26,34 @@ struct Cli {
     command: Command,
 }
 
-/// Options shared by every subcommand that loads a model.
+/// The thread count, shared by every subcommand that runs tensor ops.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub(crate) struct ThreadArgs {
+    /// CPU threads for tensor ops (default: all cores). Bit-exact `train --resume` needs the
+    /// count the run started with.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ThreadArgs {
+    /// Sets the thread count for this process; call before the first tensor op.
+    pub(crate) fn apply(&self) {
+        if let Some(n) = self.threads {
+            // candle sizes its rayon pool from this variable on first use.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
+}
+
+/// Options shared by every subcommand that loads one model.
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a GGUF
     /// file. Defaults to the SmolLM2-135M-Instruct GGUF fetched by scripts/setup.sh.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
-    /// CPU threads for tensor ops (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: ThreadArgs,
 }
 
 impl ModelArgs {
@@ -44,10 +63,7 @@ impl ModelArgs {
             .unwrap_or_else(recurformer::default_model_path)
     }
     fn apply_threads(&self) {
-        if let Some(n) = self.threads {
-            // candle sizes its rayon pool from this variable on first use.
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        }
+        self.threads.apply()
     }
 }
 
@@ -205,18 +221,18 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Bytes in binary units; the library's formatter, taking the f64 figures JSON hands us.
 pub(crate) fn human_bytes(b: f64) -> String {
-    recurformer::plan::human_bytes(b.max(0.0) as usize)
+    recurformer::model::plan::human_bytes(b.max(0.0) as usize)
 }
 
 fn info(args: &ModelArgs, json: bool) -> Result<()> {
     args.apply_threads();
     let path = args.path();
-    let loaded = recurformer::loader::load(&path)?;
+    let loaded = recurformer::checkpoint::loader::load(&path)?;
     let m = &loaded.model;
     let c = &m.cfg;
-    let (per_tok, state_bytes) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
+    let (per_tok, state_bytes) = m.cache_bytes_per_token_and_state();
     let v = serde_json::json!({
-        "path": path.display().to_string(),
+        "path": shown_path(&path),
         "format": format!("{:?}", loaded.format),
         "architecture": c.architecture.name(),
         "parameters": m.num_parameters(),
@@ -286,8 +302,8 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
             s.plan.replaced_groups(),
             s.plan.kept_groups() + s.plan.replaced_groups(),
             match s.init {
-                recurformer::hybrid::Init::Attention => "attention",
-                recurformer::hybrid::Init::Random => "random",
+                recurformer::model::hybrid::Init::Attention => "attention",
+                recurformer::model::hybrid::Init::Random => "random",
             },
             s.provenance.base_model
         );
@@ -316,7 +332,7 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     a.model.apply_threads();
     let path = a.model.path();
-    let loaded = recurformer::loader::load(&path)?;
+    let loaded = recurformer::checkpoint::loader::load(&path)?;
     let tok = loaded.tokenizer()?;
     let prompt = match a.prompt {
         Some(p) => p,
@@ -431,10 +447,10 @@ pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
-    use recurformer::data::{load_documents, sample_windows, token_stream};
+    use recurformer::formats::text::{load_documents, sample_windows, token_stream};
     a.model.apply_threads();
     let path = a.model.path();
-    let loaded = recurformer::loader::load(&path)?;
+    let loaded = recurformer::checkpoint::loader::load(&path)?;
     let files = if a.data.is_empty() {
         default_calibration_files()
     } else {
@@ -454,27 +470,30 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
         a.window
     );
     let pb = progress_bar(seqs.len() as u64, "sequences");
-    let calibration = recurformer::recency::Calibration {
-        data: files.iter().map(|f| f.display().to_string()).collect(),
+    let calibration = recurformer::convert::recency::Calibration {
+        data: files.iter().map(|f| shown_path(f)).collect(),
         sequences: a.sequences,
         seq_len: a.seq_len,
         seed: a.seed,
     };
     let t0 = std::time::Instant::now();
-    let report = recurformer::analyze::analyze(
+    let report = recurformer::convert::analyze::analyze(
         &loaded.model,
         &seqs,
         a.window,
         calibration,
-        &path.display().to_string(),
+        &shown_path(&path),
         &mut |n| pb.set_position(n as u64),
     )?;
     pb.finish_and_clear();
-    recurformer::io::write_atomic(&a.out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    recurformer::formats::io::write_atomic(
+        &a.out,
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     eprintln!(
         "analyze: {:.1} s, peak RSS {}",
         t0.elapsed().as_secs_f64(),
-        human_bytes(recurformer::bench::peak_rss_bytes() as f64)
+        human_bytes(recurformer::eval::bench::peak_rss_bytes() as f64)
     );
     let heat = a.out.with_extension("png");
     let stem = a
@@ -483,8 +502,8 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "recency".into());
     let dist = a.out.with_file_name(format!("{stem}_distribution.png"));
-    recurformer::plot::recency_heatmap(&report, &heat)?;
-    recurformer::plot::recency_distribution(&report, &dist)?;
+    recurformer::report::recency_heatmap(&report, &heat)?;
+    recurformer::report::recency_distribution(&report, &dist)?;
     println!(
         "wrote {}, {}, {}",
         a.out.display(),
@@ -512,17 +531,19 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
 }
 
 fn convert_cmd(a: ConvertArgs) -> Result<()> {
-    use recurformer::hybrid::{convert, save_checkpoint, ConvertOptions, Init, Provenance};
+    use recurformer::checkpoint::save::save_checkpoint;
+    use recurformer::convert::init::{convert, ConvertOptions};
+    use recurformer::model::hybrid::{Init, Provenance};
     a.model.apply_threads();
     let path = a.model.path();
-    let loaded = recurformer::loader::load(&path)?;
-    let plan = recurformer::plan::Plan::load(&a.plan, &loaded.model.cfg)?;
+    let loaded = recurformer::checkpoint::loader::load(&path)?;
+    let plan = recurformer::model::plan::Plan::load(&a.plan, &loaded.model.cfg)?;
     let recency_path = a
         .recency
         .clone()
         .or_else(|| plan.rule.recency_file.as_ref().map(PathBuf::from));
     let recency = match &recency_path {
-        Some(p) => Some(recurformer::recency::RecencyReport::load(p)?),
+        Some(p) => Some(recurformer::convert::recency::RecencyReport::load(p)?),
         None => None,
     };
     let init = match a.init.as_str() {
@@ -549,7 +570,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
         },
     )?;
     save_checkpoint(&hybrid, loaded.tokenizer.as_ref(), &a.out)?;
-    let (kv, state) = recurformer::hybrid::cache_bytes_per_token_and_state(&hybrid);
+    let (kv, state) = hybrid.cache_bytes_per_token_and_state();
     println!(
         "wrote {}: {} of {} KV groups replaced, KV {} per token (base {}), recurrent state {}",
         a.out.display(),

@@ -5,8 +5,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use recurformer::plan::{Plan, PlanShape};
-use recurformer::recency::RecencyReport;
+use recurformer::convert::recency::RecencyReport;
+use recurformer::formats::io::shown_path;
+use recurformer::model::plan::{Plan, PlanShape};
 use std::path::PathBuf;
 
 /// Options of `recurformer plan`.
@@ -50,7 +51,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         // clap's "rule" group makes exactly one of them present.
         _ => anyhow::bail!("give exactly one of --threshold and --replace-fraction"),
     };
-    plan.rule.recency_file = Some(args.recency.display().to_string());
+    plan.rule.recency_file = Some(shown_path(&args.recency));
     let shape = PlanShape::from_report(&report);
     plan.validate_shape(
         shape.num_layers,
@@ -96,7 +97,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             .map(|l| l.mamba_heads.len())
             .sum::<usize>()
     );
-    if let recurformer::plan::Selection::ReplaceFraction {
+    if let recurformer::model::plan::Selection::ReplaceFraction {
         replace_fraction,
         requested_groups,
     } = plan.rule.selection
@@ -122,7 +123,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     print!("{}", plan.cache_table());
 
     if let Some(png) = &args.heatmap {
-        recurformer::plot::recency_heatmap_with_plan(&report, &plan, png)?;
+        recurformer::report::recency_heatmap_with_plan(&report, &plan, png)?;
         println!("wrote {}", png.display());
     }
     println!("wrote {}", args.out.display());
@@ -146,7 +147,7 @@ pub struct RecencyDiffArgs {
 }
 
 pub fn recency_diff(args: RecencyDiffArgs) -> Result<()> {
-    use recurformer::recency::{spearman, RecencyReport};
+    use recurformer::convert::recency::{spearman, RecencyReport};
     let a = RecencyReport::load(&args.a)?;
     let b = RecencyReport::load(&args.b)?;
     if (a.num_layers, a.num_attention_heads, a.num_key_value_heads)
@@ -185,14 +186,23 @@ pub fn recency_diff(args: RecencyDiffArgs) -> Result<()> {
         "fraction", "replaced", "common", "changed", "jaccard"
     );
     for &f in &args.fractions {
-        let pa = recurformer::plan::Plan::by_fraction(&a, f, args.min_attention_groups_per_layer)?;
-        let pb = recurformer::plan::Plan::by_fraction(&b, f, args.min_attention_groups_per_layer)?;
-        let set = |p: &recurformer::plan::Plan| -> std::collections::BTreeSet<(usize, usize)> {
-            p.layers
-                .iter()
-                .flat_map(|l| l.mamba_groups.iter().map(move |&g| (l.layer, g)))
-                .collect()
-        };
+        let pa = recurformer::model::plan::Plan::by_fraction(
+            &a,
+            f,
+            args.min_attention_groups_per_layer,
+        )?;
+        let pb = recurformer::model::plan::Plan::by_fraction(
+            &b,
+            f,
+            args.min_attention_groups_per_layer,
+        )?;
+        let set =
+            |p: &recurformer::model::plan::Plan| -> std::collections::BTreeSet<(usize, usize)> {
+                p.layers
+                    .iter()
+                    .flat_map(|l| l.mamba_groups.iter().map(move |&g| (l.layer, g)))
+                    .collect()
+            };
         let (sa, sb) = (set(&pa), set(&pb));
         let common = sa.intersection(&sb).count();
         let union = sa.union(&sb).count();

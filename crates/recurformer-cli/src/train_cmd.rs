@@ -143,9 +143,8 @@ pub struct TrainArgs {
     /// Seed of the data order and of the held-out split (fresh runs; default 0).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// CPU threads for tensor ops (default: all cores). Bit-exact resume needs the same count.
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub threads: crate::ThreadArgs,
     /// Directory caching token ids per (tokenizer, document), so a corpus is tokenised once
     /// (default: data/cache/tokens in the repository).
     #[arg(long)]
@@ -232,7 +231,7 @@ fn build_data(
     heldout_files: &[PathBuf],
     heldout_fraction: f64,
     seed: u64,
-    tok: Option<&recurformer::tokenizer::Tokenizer>,
+    tok: Option<&recurformer::formats::tokenizer::Tokenizer>,
     eos: Option<u32>,
     cache: Option<&Path>,
 ) -> Result<TrainData> {
@@ -241,7 +240,7 @@ fn build_data(
         split_documents(docs, heldout_fraction, seed)?
     } else {
         let canon = |ps: &[PathBuf]| -> Result<std::collections::BTreeSet<PathBuf>> {
-            Ok(recurformer::data::collect_files(ps)?
+            Ok(recurformer::formats::text::collect_files(ps)?
                 .into_iter()
                 .map(|p| p.canonicalize().unwrap_or(p))
                 .collect())
@@ -311,10 +310,7 @@ fn stage_bar(stage: Stage, horizon: Option<u64>, step: u64) -> indicatif::Progre
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        // candle sizes its thread pool from this variable on first use.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    args.threads.apply();
     let cache_dir = args
         .token_cache
         .clone()
@@ -323,7 +319,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     // The student, the configuration and where training starts.
     let (loaded, start_cfg, resume, teacher_default): (
-        recurformer::loader::LoadedModel,
+        recurformer::checkpoint::loader::LoadedModel,
         TrainConfig,
         Option<ResumePoint>,
         PathBuf,
@@ -359,7 +355,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let path = args.model.clone().context(
                 "give the RecurFormer checkpoint to train with --model (or --resume DIR)",
             )?;
-            let loaded = recurformer::loader::load(&path)?;
+            let loaded = recurformer::checkpoint::loader::load(&path)?;
             let section = loaded.model.recurformer.as_ref().with_context(|| {
                 format!(
                     "{} is a base model, not a RecurFormer: run `recurformer convert` first",
@@ -391,7 +387,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     eprintln!("train: loading the teacher {}", teacher_path.display());
-    let teacher = recurformer::loader::load(&teacher_path)?;
+    let teacher = recurformer::checkpoint::loader::load(&teacher_path)?;
 
     // Data.
     let (train_files, heldout_files, fraction) = if !args.data.is_empty() {

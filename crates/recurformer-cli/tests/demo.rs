@@ -74,6 +74,21 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
             "REPORT.md lacks {needle:?}:\n{report}"
         );
     }
+    // Models are named by a path relative to where the demo ran, never by this machine's
+    // absolute path (the report is committed and read elsewhere).
+    let root = recurformer::repo_root().display().to_string();
+    for file in [
+        "REPORT.md",
+        "eval_perplexity/eval.md",
+        "eval_retrieval/eval.md",
+        "plan.json",
+    ] {
+        let text = std::fs::read_to_string(out.join(file))?;
+        assert!(
+            !text.contains(&root),
+            "{file} names the absolute path {root}:\n{text}"
+        );
+    }
     for png in [
         "plan.png",
         "trained/loss.png",

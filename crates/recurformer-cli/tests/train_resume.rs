@@ -3,8 +3,10 @@
 //! would break exact resume are refused with the reason.
 
 use anyhow::{Context, Result};
-use recurformer::hybrid::{convert, save_checkpoint, ConvertOptions, Init, Provenance};
-use recurformer::plan::Plan;
+use recurformer::checkpoint::save::save_checkpoint;
+use recurformer::convert::init::{convert, ConvertOptions};
+use recurformer::model::hybrid::{Init, Provenance};
+use recurformer::model::plan::Plan;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -19,7 +21,7 @@ fn bin() -> Command {
 fn setup(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let root = recurformer::repo_root();
     let base_path = root.join("fixtures/tiny-llama");
-    let base = recurformer::loader::load(&base_path)?.model;
+    let base = recurformer::checkpoint::loader::load(&base_path)?.model;
     let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![1]])?;
     let h = convert(
         &base,

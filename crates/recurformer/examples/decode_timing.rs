@@ -3,7 +3,7 @@ use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     let ctx: usize = std::env::args().nth(1).unwrap_or("4096".into()).parse()?;
     let steps: usize = std::env::args().nth(2).unwrap_or("8".into()).parse()?;
-    let m = recurformer::loader::load(&recurformer::default_model_path())?.model;
+    let m = recurformer::checkpoint::loader::load(&recurformer::default_model_path())?.model;
     let mut cache = m.new_cache(1, ctx + steps + 1);
     // Fill the cache with random keys/values instead of a slow real prefill.
     let k = Tensor::randn(

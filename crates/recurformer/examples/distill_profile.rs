@@ -7,7 +7,8 @@
 //! glibc adapts its mmap threshold to the blocks a process frees, so a second measurement in the
 //! same process would not see the defaults any more.
 use candle_core::Tensor;
-use recurformer::llama::{ForwardOptions, Model};
+use recurformer::model::llama::Model;
+use recurformer::model::options::ForwardOptions;
 use recurformer::train::{distill_losses, forward_train, logits_train, make_trainable, TrainScope};
 use std::time::Instant;
 
@@ -115,8 +116,8 @@ fn child(args: &[String], usage: &str) -> anyhow::Result<()> {
     let t: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(512);
     let reps: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3);
     eprintln!("measuring with {mode} allocator settings ...");
-    let teacher = recurformer::loader::load(&recurformer::default_model_path())?.model;
-    let student = recurformer::loader::load(std::path::Path::new(student_dir))?.model;
+    let teacher = recurformer::checkpoint::loader::load(&recurformer::default_model_path())?.model;
+    let student = recurformer::checkpoint::loader::load(std::path::Path::new(student_dir))?.model;
     let (student, _vars) = make_trainable(&student, TrainScope::Mixers)?;
     let ids: Vec<u32> = (0..t as u32)
         .map(|i| (i * 7919 + 13) % 40000 + 100)

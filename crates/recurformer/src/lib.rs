@@ -1,31 +1,23 @@
 //! recurformer: turn a pretrained Llama-family transformer into a RecurFormer (recency-aware
-//! attention heads replaced by Mamba mixers). This crate holds the model core: configuration,
-//! checkpoint loading (Hugging Face safetensors and GGUF), tokenizers, the decoder with its
-//! per-sequence cache, and generation.
+//! attention heads replaced by Mamba mixers, DESIGN.md). This crate is the whole library behind the
+//! `recurformer` binary: file formats, the hybrid model and its cache, checkpoints, and the stages
+//! analyze → plan → convert → train → eval, with the figures of their reports.
 
-pub mod analyze;
-pub mod bench;
-pub mod cache;
-pub mod config;
-pub mod data;
-pub mod decode_attention;
+// The pipeline of DESIGN.md, one folder per stage, imports pointing down this list:
+//
+//   train ──▶ report ──▶ convert, eval ──▶ checkpoint ──▶ model ──▶ formats
+//
+// `formats` reads and writes files and knows nothing of the network; `model` is the network and
+// its per-sequence state; `checkpoint` opens any supported checkpoint as a `model` and saves
+// RecurFormer checkpoints; `convert`, `eval` and `train` are the stages; `report` draws figures.
+pub mod checkpoint;
+pub mod convert;
 pub mod eval;
-pub mod generate;
-pub mod gguf;
-pub mod hybrid;
-pub mod io;
-pub mod llama;
-pub mod loader;
-pub mod mamba;
+pub mod formats;
 pub mod memory;
-pub mod optim;
-pub mod plan;
-pub mod plot;
-pub mod recency;
-pub mod tasks;
-pub mod tokenizer;
+pub mod model;
+pub mod report;
 pub mod train;
-pub mod weights;
 
 /// Root of the repository (for tests and tools that find `data/` and `fixtures/`).
 pub fn repo_root() -> std::path::PathBuf {

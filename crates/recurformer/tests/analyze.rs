@@ -5,11 +5,11 @@
 mod common;
 use anyhow::{Context, Result};
 use common::*;
-use recurformer::recency::Calibration;
+use recurformer::convert::recency::Calibration;
 
 #[test]
 fn scores_match_transformers_output_attentions() -> Result<()> {
-    let loaded = recurformer::loader::load(&default_model())?;
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
     let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(
         "smollm2/recency_golden.json",
     ))?)?;
@@ -20,7 +20,7 @@ fn scores_match_transformers_output_attentions() -> Result<()> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
     let window = golden["window"].as_u64().context("window")? as usize;
-    let report = recurformer::analyze::analyze(
+    let report = recurformer::convert::analyze::analyze(
         &loaded.model,
         &[ids],
         window,
@@ -57,13 +57,13 @@ fn scores_match_transformers_output_attentions() -> Result<()> {
 
 #[test]
 fn analysis_is_deterministic_and_in_range() -> Result<()> {
-    use recurformer::data::{load_documents, sample_windows, token_stream};
-    let loaded = recurformer::loader::load(&default_model())?;
+    use recurformer::formats::text::{load_documents, sample_windows, token_stream};
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
     let docs = load_documents(&[root().join("data/text/austen/northanger_abbey.txt")])?;
     let stream = token_stream(&docs, loaded.tokenizer()?, Some(2))?;
-    let run = |seed| -> Result<recurformer::recency::RecencyReport> {
+    let run = |seed| -> Result<recurformer::convert::recency::RecencyReport> {
         let seqs = sample_windows(&stream, 2, 96, seed)?;
-        recurformer::analyze::analyze(
+        recurformer::convert::analyze::analyze(
             &loaded.model,
             &seqs,
             16,

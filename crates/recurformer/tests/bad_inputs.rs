@@ -19,7 +19,7 @@ fn copy_fixture(name: &str, to: &Path) -> Result<PathBuf> {
 }
 
 fn load_err(p: &Path) -> String {
-    match recurformer::loader::load(p) {
+    match recurformer::checkpoint::loader::load(p) {
         Ok(_) => panic!("{} loaded but should have been refused", p.display()),
         Err(e) => format!("{e:#}"),
     }
@@ -82,7 +82,7 @@ fn missing_extra_misshapen_and_mistyped_tensors() -> Result<()> {
             *v = v.to_dtype(DType::BF16).unwrap();
         }
     })?;
-    recurformer::loader::load(&d)?;
+    recurformer::checkpoint::loader::load(&d)?;
     Ok(())
 }
 

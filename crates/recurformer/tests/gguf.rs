@@ -8,8 +8,8 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
-use recurformer::config::ModelConfig;
-use recurformer::gguf::{permute_rows, GgufFile};
+use recurformer::formats::config::ModelConfig;
+use recurformer::formats::gguf::{permute_rows, GgufFile};
 use std::path::Path;
 
 fn write_gguf(path: &Path, meta: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
@@ -122,7 +122,7 @@ fn tiny_llama_as_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
         tensors.push((gname, QTensor::quantize(&t, d)?));
     }
     let factor = match cfg.rope_scaling {
-        Some(recurformer::config::RopeScaling::Linear { factor }) => factor,
+        Some(recurformer::formats::config::RopeScaling::Linear { factor }) => factor,
         _ => panic!("tiny-llama is expected to use linear rope scaling"),
     };
     let meta = vec![
@@ -166,8 +166,11 @@ fn llama_cpp_style_gguf_reproduces_the_hf_checkpoint() -> Result<()> {
     for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::F16, 2e-2)] {
         let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
         tiny_llama_as_gguf(&path, dtype)?;
-        let loaded = recurformer::loader::load(&path)?;
-        assert_eq!(loaded.format, recurformer::loader::SourceFormat::Gguf);
+        let loaded = recurformer::checkpoint::loader::load(&path)?;
+        assert_eq!(
+            loaded.format,
+            recurformer::checkpoint::loader::SourceFormat::Gguf
+        );
         assert!(!loaded.model.cfg.tie_word_embeddings);
         let m = &loaded.model;
         let got = m.forward(&ids, &mut m.new_cache(1, 16))?;
@@ -196,7 +199,7 @@ fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
     std::fs::write(&cut, &bytes[..bytes.len() - 1000])?;
     let e = format!(
         "{:#}",
-        recurformer::loader::load(&cut)
+        recurformer::checkpoint::loader::load(&cut)
             .err()
             .expect("truncated file must fail")
     );
@@ -205,7 +208,7 @@ fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
     std::fs::write(&cut, &bytes[..100])?;
     let e = format!(
         "{:#}",
-        recurformer::loader::load(&cut)
+        recurformer::checkpoint::loader::load(&cut)
             .err()
             .expect("truncated header must fail")
     );
@@ -215,7 +218,7 @@ fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
     std::fs::write(&junk, b"hello world, not a model")?;
     let e = format!(
         "{:#}",
-        recurformer::loader::load(&junk)
+        recurformer::checkpoint::loader::load(&junk)
             .err()
             .expect("junk must fail")
     );
@@ -229,7 +232,7 @@ fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
     )?;
     let e = format!(
         "{:#}",
-        recurformer::loader::load(&other)
+        recurformer::checkpoint::loader::load(&other)
             .err()
             .expect("mamba arch must fail")
     );

@@ -4,10 +4,12 @@ mod common;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use common::*;
-use recurformer::hybrid::{convert, save_checkpoint, ConvertOptions, Init, Provenance};
-use recurformer::llama::Model;
-use recurformer::plan::Plan;
-use recurformer::recency::{Calibration, RecencyReport};
+use recurformer::checkpoint::save::save_checkpoint;
+use recurformer::convert::init::{convert, ConvertOptions};
+use recurformer::convert::recency::{Calibration, RecencyReport};
+use recurformer::model::hybrid::{Init, Provenance};
+use recurformer::model::llama::Model;
+use recurformer::model::plan::Plan;
 use std::path::Path;
 
 fn provenance() -> Provenance {
@@ -22,7 +24,7 @@ fn provenance() -> Provenance {
 }
 
 fn report_for(m: &Model, ids: &[u32], window: usize) -> Result<RecencyReport> {
-    recurformer::analyze::analyze(
+    recurformer::convert::analyze::analyze(
         m,
         &[ids.to_vec()],
         window,
@@ -69,14 +71,14 @@ fn cached_vs_full(m: &Model, ids: &Tensor, prefill: usize) -> Result<f32> {
 
 fn save_and_load(m: &Model, dir: &Path) -> Result<Model> {
     save_checkpoint(m, None, dir)?;
-    Ok(recurformer::loader::load(dir)?.model)
+    Ok(recurformer::checkpoint::loader::load(dir)?.model)
 }
 
 #[test]
 fn empty_plan_reproduces_the_base_model() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     for name in ["tiny-llama", "tiny-llama3", "tiny-qwen2"] {
-        let base = recurformer::loader::load(&fixture(name))?.model;
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
         let (ids, _) = tiny_expected(name)?;
         let h = hybrid(&base, &Plan::empty(&base.cfg), None, Init::Attention)?;
         assert_eq!(
@@ -98,7 +100,7 @@ fn empty_plan_reproduces_the_base_model() -> Result<()> {
 fn tiny_hybrids_round_trip_and_decode_like_the_full_forward() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     for name in ["tiny-llama", "tiny-qwen2"] {
-        let base = recurformer::loader::load(&fixture(name))?.model;
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
         let (ids, _) = tiny_expected(name)?;
         let ids_v: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
         let report = report_for(&base, &ids_v, 2)?;
@@ -139,7 +141,7 @@ fn tiny_hybrids_round_trip_and_decode_like_the_full_forward() -> Result<()> {
 
 #[test]
 fn attention_init_needs_the_recency_report() -> Result<()> {
-    let base = recurformer::loader::load(&fixture("tiny-llama"))?.model;
+    let base = recurformer::checkpoint::loader::load(&fixture("tiny-llama"))?.model;
     let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![]])?;
     let e = hybrid(&base, &plan, None, Init::Attention)
         .err()
@@ -158,7 +160,7 @@ fn attention_init_needs_the_recency_report() -> Result<()> {
 #[test]
 fn damaged_hybrid_checkpoints_are_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let base = recurformer::loader::load(&fixture("tiny-llama"))?.model;
+    let base = recurformer::checkpoint::loader::load(&fixture("tiny-llama"))?.model;
     let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![1]])?;
     let h = hybrid(&base, &plan, None, Init::Random)?;
     let make = |name: &str| -> Result<std::path::PathBuf> {
@@ -169,7 +171,7 @@ fn damaged_hybrid_checkpoints_are_refused() -> Result<()> {
     let err = |d: &Path| {
         format!(
             "{:#}",
-            recurformer::loader::load(d)
+            recurformer::checkpoint::loader::load(d)
                 .err()
                 .expect("damaged checkpoint loaded")
         )
@@ -249,7 +251,7 @@ fn damaged_hybrid_checkpoints_are_refused() -> Result<()> {
 
 #[test]
 fn real_model_hybrid_decodes_like_its_full_forward() -> Result<()> {
-    let loaded = recurformer::loader::load(&default_model())?;
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
     let base = &loaded.model;
     let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(
         "smollm2/recency_golden.json",
@@ -276,7 +278,7 @@ fn real_model_hybrid_decodes_like_its_full_forward() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let e = hybrid(base, &Plan::empty(&base.cfg), None, Init::Attention)?;
     save_checkpoint(&e, loaded.tokenizer.as_ref(), &tmp.path().join("empty"))?;
-    let back = recurformer::loader::load(&tmp.path().join("empty"))?;
+    let back = recurformer::checkpoint::loader::load(&tmp.path().join("empty"))?;
     let short = x.narrow(1, 0, 24)?;
     assert_eq!(
         max_abs_diff(&logits(base, &short)?, &logits(&back.model, &short)?)?,
@@ -291,7 +293,7 @@ fn real_model_hybrid_decodes_like_its_full_forward() -> Result<()> {
     ] {
         assert_eq!(t0.encode(s, true)?, t1.encode(s, true)?, "{s:?}");
     }
-    let msgs = vec![recurformer::tokenizer::ChatMessage {
+    let msgs = vec![recurformer::formats::tokenizer::ChatMessage {
         role: "user".into(),
         content: "Hi".into(),
     }];
@@ -307,13 +309,13 @@ fn real_model_hybrid_decodes_like_its_full_forward() -> Result<()> {
 /// smaller cache for the hybrid at every length.
 #[test]
 fn bench_points_report_first_token_time_and_exact_cache_bytes() -> Result<()> {
-    use recurformer::bench::{bench_point, bench_series};
-    let base = recurformer::loader::load(&fixture("tiny-llama"))?.model;
+    use recurformer::eval::bench::{bench_point, bench_series};
+    let base = recurformer::checkpoint::loader::load(&fixture("tiny-llama"))?.model;
     let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![1]])?;
     let h = hybrid(&base, &plan, None, Init::Random)?;
     let tokens: Vec<u32> = (0..200u32).map(|i| (i * 7 + 3) % 250).collect();
     for m in [&base, &h] {
-        let (kv, state) = recurformer::hybrid::cache_bytes_per_token_and_state(m);
+        let (kv, state) = m.cache_bytes_per_token_and_state();
         let p = bench_point(m, &tokens, 64, 5, 3)?;
         assert_eq!(p.repeats, 3);
         let ttft = p.ttft_s.expect("fresh prefill has a first-token time");

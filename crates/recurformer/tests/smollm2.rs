@@ -6,17 +6,17 @@ mod common;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, D};
 use common::*;
-use recurformer::generate::{generate, GenerateRequest, Sampler, SamplingParams};
-use recurformer::llama::{AttentionImpl, ForwardOptions};
-use recurformer::loader::LoadedModel;
-use recurformer::tokenizer::ChatMessage;
+use recurformer::checkpoint::loader::LoadedModel;
+use recurformer::formats::tokenizer::ChatMessage;
+use recurformer::model::generate::{generate, GenerateRequest, Sampler, SamplingParams};
+use recurformer::model::options::{AttentionImpl, ForwardOptions};
 use serde_json::Value;
 use std::sync::OnceLock;
 
 fn model() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
     M.get_or_init(|| {
-        recurformer::loader::load(&default_model()).expect("loading the default model")
+        recurformer::checkpoint::loader::load(&default_model()).expect("loading the default model")
     })
 }
 
@@ -174,7 +174,7 @@ fn fast_attention_matches_eager_on_the_real_model() -> Result<()> {
     assert!(d <= 1e-4, "{d}");
     // The eager path hands every layer's probabilities to an observer.
     let mut seen = vec![];
-    let mut obs = |o: &recurformer::llama::AttnObservation| -> Result<()> {
+    let mut obs = |o: &recurformer::model::options::AttnObservation| -> Result<()> {
         assert_eq!(o.probs.dims(), &[1, m.cfg.num_attention_heads, 96, 96]);
         assert_eq!(
             o.heads_out.dims(),

@@ -6,13 +6,13 @@
 mod common;
 use anyhow::{Context, Result};
 use common::*;
-use recurformer::tasks::*;
-use recurformer::tokenizer::Tokenizer;
+use recurformer::eval::tasks::*;
+use recurformer::formats::tokenizer::Tokenizer;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 fn tokenizer() -> Result<Tokenizer> {
-    let g = recurformer::gguf::GgufFile::open(&default_model())?;
+    let g = recurformer::formats::gguf::GgufFile::open(&default_model())?;
     Tokenizer::from_gguf(&g)?.context("the default model carries no tokenizer")
 }
 
@@ -397,20 +397,20 @@ fn needle_heatmap_is_a_png_of_the_expected_size() -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let p = dir.path().join("needle.png");
-    recurformer::plot::needle_heatmap(&r, "smollm2-135m-instruct-q4_1.gguf", &p)?;
-    assert_eq!(png_size(&p), recurformer::plot::needle_heatmap_size(&r));
+    recurformer::report::needle_heatmap(&r, "smollm2-135m-instruct-q4_1.gguf", &p)?;
+    assert_eq!(png_size(&p), recurformer::report::needle_heatmap_size(&r));
     // Another grid, another size; the figure changes with the numbers.
     let mut r2 = r.clone();
     r2.cells[0].accuracy = 1.0;
     r2.cells[0].correct = 2;
     let p2 = dir.path().join("needle2.png");
-    recurformer::plot::needle_heatmap(&r2, "x", &p2)?;
+    recurformer::report::needle_heatmap(&r2, "x", &p2)?;
     assert_ne!(std::fs::read(&p)?, std::fs::read(&p2)?);
     let empty = NeedleResults {
         contexts: vec![],
         ..r.clone()
     };
-    assert!(recurformer::plot::needle_heatmap(&empty, "x", &dir.path().join("e.png")).is_err());
+    assert!(recurformer::report::needle_heatmap(&empty, "x", &dir.path().join("e.png")).is_err());
     if let Ok(keep) = std::env::var("RECURFORMER_KEEP_FIGURES") {
         std::fs::copy(&p, Path::new(&keep).join("needle.png"))?;
     }
@@ -419,7 +419,7 @@ fn needle_heatmap_is_a_png_of_the_expected_size() -> Result<()> {
 
 #[test]
 fn run_needle_end_to_end_on_the_default_model() -> Result<()> {
-    let loaded = recurformer::loader::load(&default_model())?;
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
     let tok = loaded.tokenizer()?;
     let cfg = NeedleConfig {
         contexts: vec![256],
@@ -463,7 +463,7 @@ fn run_needle_end_to_end_on_the_default_model() -> Result<()> {
 #[test]
 #[ignore]
 fn needle_and_hashhop_timing_at_1024() -> Result<()> {
-    let loaded = recurformer::loader::load(&default_model())?;
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
     let tok = loaded.tokenizer()?;
     let t0 = std::time::Instant::now();
     let r = run_needle(

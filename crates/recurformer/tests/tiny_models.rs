@@ -6,12 +6,13 @@ mod common;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use common::*;
-use recurformer::llama::{AttentionImpl, ForwardOptions, Model};
+use recurformer::model::llama::Model;
+use recurformer::model::options::{AttentionImpl, ForwardOptions};
 
 const TINY: [&str; 3] = ["tiny-llama", "tiny-llama3", "tiny-qwen2"];
 
 fn load(name: &str) -> Result<Model> {
-    Ok(recurformer::loader::load(&fixture(name))?.model)
+    Ok(recurformer::checkpoint::loader::load(&fixture(name))?.model)
 }
 
 fn full_logits(m: &Model, ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
@@ -44,16 +45,19 @@ fn tiny_architectures_are_what_they_claim() -> Result<()> {
     assert!(!l.cfg.tie_word_embeddings && !l.cfg.attention_bias);
     assert!(matches!(
         l.cfg.rope_scaling,
-        Some(recurformer::config::RopeScaling::Linear { .. })
+        Some(recurformer::formats::config::RopeScaling::Linear { .. })
     ));
     let l3 = load("tiny-llama3")?;
     assert!(l3.cfg.tie_word_embeddings);
     assert!(matches!(
         l3.cfg.rope_scaling,
-        Some(recurformer::config::RopeScaling::Llama3 { .. })
+        Some(recurformer::formats::config::RopeScaling::Llama3 { .. })
     ));
     let q = load("tiny-qwen2")?;
-    assert_eq!(q.cfg.architecture, recurformer::config::Architecture::Qwen2);
+    assert_eq!(
+        q.cfg.architecture,
+        recurformer::formats::config::Architecture::Qwen2
+    );
     assert!(q.cfg.attention_bias);
     assert!(q.layers[0]
         .self_attn
@@ -134,7 +138,7 @@ fn cached_decode_matches_full_forward() -> Result<()> {
 #[test]
 fn long_prefill_chunks_queries_without_changing_results() -> Result<()> {
     // A small score block makes the fast path split its 300 queries into chunks of 16.
-    use recurformer::llama::{attention, attention_blocked, AttentionInputs};
+    use recurformer::model::attention::{attention, attention_blocked, AttentionInputs};
     let dev = Device::Cpu;
     let (nh, nkv, t, hd) = (4, 2, 300, 8);
     let q = Tensor::randn(0f32, 1., (1, nh, t, hd), &dev)?;
@@ -175,7 +179,7 @@ fn long_prefill_chunks_queries_without_changing_results() -> Result<()> {
 #[test]
 fn decode_kernel_matches_eager_across_key_blocks() -> Result<()> {
     // 1300 cached keys span three of the kernel's 512-key blocks; 1 to 4 new queries use it.
-    use recurformer::llama::{attention, AttentionInputs, DECODE_KERNEL_MAX_QUERIES};
+    use recurformer::model::attention::{attention, AttentionInputs, DECODE_KERNEL_MAX_QUERIES};
     let dev = Device::Cpu;
     let (nh, nkv, hd, s) = (6, 2, 16, 1300);
     let cache_k = Tensor::randn(0f32, 2., (1, nkv, s + 50, hd), &dev)?; // a larger buffer, as in KvCache

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod train;
+
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! Speed and memory measurement of the engine `generate` uses: prefill of a context of N tokens,
 //! then single-token decode steps with the cache, medians over the steps.
 
-use crate::llama::Model;
+use crate::model::llama::Model;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::time::Instant;
@@ -85,7 +85,7 @@ pub fn bench_point(
         let ids = Tensor::new(&tokens[..context], &model.device)?.unsqueeze(0)?; // (1, context)
         let t0 = Instant::now();
         let logits = model.forward_last(&ids, &mut cache)?;
-        let first = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        let first = crate::model::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
         ttft.push(t0.elapsed().as_secs_f64());
         step_secs.extend(time_decode(model, &mut cache, first, decode_steps)?);
         cache_bytes = cache.bytes().total();
@@ -106,7 +106,7 @@ pub fn bench_point(
 /// returning each step's seconds.
 fn time_decode(
     model: &Model,
-    cache: &mut crate::cache::HybridCache,
+    cache: &mut crate::model::cache::HybridCache,
     mut next: u32,
     steps: usize,
 ) -> Result<Vec<f64>> {
@@ -119,7 +119,7 @@ fn time_decode(
             .squeeze(0)?
             .to_vec1::<f32>()?;
         step_secs.push(t.elapsed().as_secs_f64());
-        next = crate::generate::argmax(&l);
+        next = crate::model::generate::argmax(&l);
     }
     Ok(step_secs)
 }
@@ -166,7 +166,7 @@ pub fn bench_series(
         let t0 = Instant::now();
         let logits = model.forward_last(&ids, &mut cache)?;
         let prefill = t0.elapsed().as_secs_f64();
-        let first = crate::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        let first = crate::model::generate::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
         let mut steps = time_decode(model, &mut cache, first, decode_steps)?;
         out.push(BenchPoint {
             context: c,

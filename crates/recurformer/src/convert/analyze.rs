@@ -1,8 +1,9 @@
 //! `analyze`: run the base model's eager attention over calibration windows and measure every
 //! head's recency score, sink mass, mean attention distance and output RMS (see `recency.rs`).
 
-use crate::llama::{AttentionImpl, AttnObservation, ForwardOptions, Model};
-use crate::recency::{Calibration, HeadAccumulator, RecencyReport, SINK_TOKENS};
+use crate::convert::recency::{Calibration, HeadAccumulator, RecencyReport, SINK_TOKENS};
+use crate::model::llama::Model;
+use crate::model::options::{AttentionImpl, AttnObservation, ForwardOptions};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 

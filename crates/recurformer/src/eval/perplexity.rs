@@ -6,7 +6,8 @@
 //! the predictions in its second half only (positions context/2 .. context-1), where long context is
 //! actually in use.
 
-use crate::llama::{ForwardOptions, Model};
+use crate::model::llama::Model;
+use crate::model::options::ForwardOptions;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};

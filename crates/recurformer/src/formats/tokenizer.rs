@@ -6,7 +6,7 @@
 //! original Hugging Face tokenizers use for those names (llama.cpp `llama-vocab.cpp` keeps the same
 //! table); the BPE itself is the `tokenizers` crate's.
 
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use serde::{Deserialize, Serialize};
@@ -225,7 +225,7 @@ impl Tokenizer {
             "eos_token": self.eos_token,
             "add_bos_token": self.add_bos.is_some(),
         });
-        crate::io::write_atomic(
+        crate::formats::io::write_atomic(
             &dir.join("tokenizer_config.json"),
             serde_json::to_string_pretty(&cfg)?.as_bytes(),
         )

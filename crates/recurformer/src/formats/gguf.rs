@@ -9,8 +9,8 @@
 //! of split in halves (GPT-NeoX style, what Hugging Face uses). We undo that here, so the rest of the
 //! code sees exactly the Hugging Face layout. `qwen2` is converted without the permutation.
 
-use crate::config::{Architecture, ModelConfig, RopeScaling};
-use crate::weights::Weights;
+use crate::formats::config::{Architecture, ModelConfig, RopeScaling};
+use crate::formats::weights::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;

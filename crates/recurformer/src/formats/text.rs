@@ -1,7 +1,7 @@
 //! Text input for calibration, training and evaluation: plain-text and JSONL files or directories
 //! of them, tokenised, and cut into fixed-length windows deterministically from a seed.
 
-use crate::tokenizer::Tokenizer;
+use crate::formats::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Token generation: sampling and the prefill + decode loop over a cache.
 
-use crate::cache::{CacheBytes, HybridCache};
-use crate::llama::Model;
+use crate::model::cache::{CacheBytes, HybridCache};
+use crate::model::llama::Model;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};

@@ -1,11 +1,11 @@
 //! Opens whatever a user points `--model` at: a Hugging Face checkpoint directory or a GGUF file.
 
-use crate::config::ModelConfig;
-use crate::gguf::GgufFile;
-use crate::hybrid::RecurformerSection;
-use crate::llama::Model;
-use crate::tokenizer::Tokenizer;
-use crate::weights;
+use crate::formats::config::ModelConfig;
+use crate::formats::gguf::GgufFile;
+use crate::formats::tokenizer::Tokenizer;
+use crate::formats::weights;
+use crate::model::hybrid::RecurformerSection;
+use crate::model::llama::Model;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,11 @@
+//! Files on disk, read and written without knowing the network: a checkpoint's `config.json`, GGUF
+//! containers, safetensors weights, tokenizers (`tokenizer.json` or GGUF metadata), text corpora,
+//! and atomic writes (DESIGN.md, "Real parts"). The lowest layer of the library: nothing here
+//! imports from the other folders.
+
+pub mod config;
+pub mod gguf;
+pub mod io;
+pub mod text;
+pub mod tokenizer;
+pub mod weights;

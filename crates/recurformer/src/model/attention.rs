@@ -1,0 +1,213 @@
+//! Softmax attention over the heads a layer keeps: the fast grouped-query path (the decode kernel
+//! for a few new queries, chunked score blocks for prefill) and the eager reference path that can
+//! hand its probabilities to an observer.
+//!
+//! Glossary: b batch, t new tokens, s total keys (cached + new), nh query heads, nkv KV heads,
+//! g = nh / nkv query heads per KV head, hd head dim, d hidden size.
+
+use crate::formats::config::ModelConfig;
+use crate::formats::weights::Weights;
+use crate::model::cache::KvCache;
+use crate::model::layers::{Linear, Rope};
+use crate::model::options::{AttentionImpl, AttnObservation, ForwardOptions, ProbsObserver};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor, D};
+
+/// Additive causal mask for `t` queries at positions offset.. against `s` keys: (t, s).
+pub fn causal_mask(t: usize, s: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
+}
+
+/// Softmax attention of `q` (b, nh, t, hd) against `k`, `v` (b, nkv, s, hd), queries at
+/// positions s-t..s. Returns (b, nh, t, hd) and, on the eager path, the probabilities.
+pub struct AttentionInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub opts: &'a ForwardOptions,
+    pub want_probs: bool,
+}
+
+/// Up to this many new queries, the fast path uses the decode kernel (memory-bound regime).
+pub const DECODE_KERNEL_MAX_QUERIES: usize = 4;
+
+/// Largest score block (elements) the fast path materialises at once: 16M floats = 64 MB.
+const FAST_SCORE_BLOCK: usize = 1 << 24;
+
+pub fn attention(inp: AttentionInputs) -> Result<(Tensor, Option<Tensor>)> {
+    attention_blocked(inp, FAST_SCORE_BLOCK)
+}
+
+/// `attention` with the fast path's score block (elements) given: tests use small blocks to
+/// exercise query chunking.
+pub fn attention_blocked(
+    inp: AttentionInputs,
+    score_block: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, nh, t, hd) = inp.q.dims4()?;
+    let (_, nkv, s, _) = inp.k.dims4()?;
+    let g = nh / nkv;
+    let offset = s - t;
+    let scale = 1.0 / (hd as f64).sqrt();
+    match inp.opts.attention {
+        AttentionImpl::Eager => {
+            // Repeat each KV head for the g query heads that read it (transformers `repeat_kv`).
+            let rep = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, g, s, hd))?
+                    .reshape((b, nh, s, hd))?)
+            };
+            let (k, v) = (rep(inp.k)?, rep(inp.v)?);
+            let scores = (inp.q.contiguous()?.matmul(&k.t()?)? * scale)?; // (b, nh, t, s)
+            let scores = scores.broadcast_add(&causal_mask(t, s, offset, inp.q.device())?)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let out = probs.matmul(&v)?; // (b, nh, t, hd)
+            Ok((out, if inp.want_probs { Some(probs) } else { None }))
+        }
+        AttentionImpl::Fast => {
+            if inp.want_probs {
+                bail!("the fast attention path does not return probabilities; use the eager path");
+            }
+            if t <= DECODE_KERNEL_MAX_QUERIES && inp.q.device().is_cpu() {
+                let out = crate::model::kernels::decode_attention::decode_attention(
+                    inp.q, inp.k, inp.v, scale,
+                )?;
+                return Ok((out, None));
+            }
+            // Query heads of one group are adjacent (head h reads KV head h / g), so the queries of
+            // a group stack into the rows of one matrix and share a single K^T / V matmul.
+            let q = inp.q.contiguous()?.reshape((b, nkv, g, t, hd))?;
+            let chunk = (score_block / (b * nh * s).max(1)).clamp(1, t.max(1));
+            let mut outs = Vec::with_capacity(t.div_ceil(chunk));
+            let mut start = 0;
+            while start < t {
+                let c = chunk.min(t - start);
+                let keys = offset + start + c; // keys visible to the last query of the chunk
+                let qc = q
+                    .narrow(3, start, c)?
+                    .contiguous()?
+                    .reshape((b, nkv, g * c, hd))?;
+                let kc = inp.k.narrow(2, 0, keys)?;
+                let vc = inp.v.narrow(2, 0, keys)?;
+                let mut scores = (qc.matmul(&kc.t()?)? * scale)?; // (b, nkv, g*c, keys)
+                if c > 1 || offset + start + 1 < keys {
+                    let mask = causal_mask(c, keys, offset + start, inp.q.device())?; // (c, keys)
+                    scores = scores
+                        .reshape((b, nkv, g, c, keys))?
+                        .broadcast_add(&mask)?
+                        .reshape((b, nkv, g * c, keys))?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let o = probs.matmul(&vc.contiguous()?)?; // (b, nkv, g*c, hd)
+                outs.push(o.reshape((b, nkv, g, c, hd))?);
+                start += c;
+            }
+            let out = if outs.len() == 1 {
+                outs.pop().expect("one chunk")
+            } else {
+                Tensor::cat(&outs, 3)?
+            };
+            Ok((out.reshape((b, nh, t, hd))?, None))
+        }
+    }
+}
+
+/// What a layer's forward needs besides its input: rope tables, options, and the observer.
+pub struct LayerCtx<'a, 'o> {
+    pub layer: usize,
+    pub rope: &'a Rope,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub opts: &'a ForwardOptions,
+    pub observer: Option<&'a mut ProbsObserver<'o>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// Loads q/k/v for `n_heads` query heads over `n_kv_heads` KV heads: all of them in a base
+    /// model, the kept ones in a hybrid (whose checkpoint stores only the kept rows).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        cfg: &ModelConfig,
+        n_heads: usize,
+        n_kv_heads: usize,
+    ) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let bias = cfg.attention_bias;
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), n_heads * hd, d, bias)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), n_kv_heads * hd, d, bias)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), n_kv_heads * hd, d, bias)?,
+            n_heads,
+            n_kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// The heads' outputs before o_proj: x (b, t, d) -> (b, t, nh*hd).
+    pub fn heads_forward(
+        &self,
+        ctx: &mut LayerCtx,
+        x: &Tensor,
+        kv: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?; // (b, nh, t, hd)
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // (b, nkv, t, hd)
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // (b, nkv, t, hd)
+        let q = ctx.rope.apply(&q, ctx.cos, ctx.sin, ctx.opts)?;
+        let k = ctx.rope.apply(&k, ctx.cos, ctx.sin, ctx.opts)?;
+        let (k_all, v_all) = kv.append(&k, &v)?; // (b, nkv, s, hd)
+        let want_probs = ctx.observer.is_some();
+        let (o, probs) = attention(AttentionInputs {
+            q: &q,
+            k: &k_all,
+            v: &v_all,
+            opts: ctx.opts,
+            want_probs,
+        })?;
+        if let (Some(obs), Some(p)) = (ctx.observer.as_mut(), probs.as_ref()) {
+            obs(&AttnObservation {
+                layer: ctx.layer,
+                probs: p,
+                heads_out: &o,
+                input: x,
+            })?;
+        }
+        Ok(o.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (b, t, nh*hd)
+    }
+}

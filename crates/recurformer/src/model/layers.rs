@@ -1,0 +1,189 @@
+//! The decoder's leaf modules, as in transformers' `modeling_llama.py`: linear layers, RMSNorm,
+//! rotary embeddings ("rotate half" layout, with Llama-3 / linear scaling) and the SwiGLU MLP.
+//! Field names equal the checkpoint's tensor names, so loading is one-to-one.
+
+use crate::formats::config::{ModelConfig, RopeScaling};
+use crate::formats::weights::Weights;
+use crate::model::options::ForwardOptions;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out, in)
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // x: (.., in) -> (.., out), as one 2-D GEMM over all leading positions.
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?; // (rows, out)
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(name, &[size])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        if opts.differentiable {
+            Ok(candle_nn::ops::rms_norm_slow(
+                x,
+                &self.weight,
+                self.eps as f32,
+            )?)
+        } else {
+            Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?)
+        }
+    }
+}
+
+/// Rotary position embedding, "rotate half" layout (transformers `apply_rotary_pos_emb`).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// hd/2 inverse frequencies, after scaling.
+    pub inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let hd = cfg.head_dim;
+        // transformers computes base ** (arange(0, dim, 2) / dim) in float32.
+        let base: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let inv_freq = match &cfg.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => {
+                base.iter().map(|f| f / *factor as f32).collect()
+            }
+            Some(RopeScaling::Factors { factors }) => base
+                .iter()
+                .zip(factors)
+                .map(|(f, s)| f / *s as f32)
+                .collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                // transformers `_compute_llama3_parameters`: long wavelengths are divided by
+                // `factor`, short ones kept, the band between interpolated smoothly.
+                let old = *original_max_position_embeddings as f32;
+                let (factor, lo, hi) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
+                let low_wavelen = old / lo;
+                let high_wavelen = old / hi;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Rope { inv_freq }
+    }
+
+    /// cos and sin tables for positions offset..offset+t, each (t, hd/2).
+    pub fn tables(&self, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in offset..offset + t {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), device)?,
+            Tensor::from_vec(sin, (t, half), device)?,
+        ))
+    }
+
+    /// x: (b, h, t, hd) -> same shape, rotated.
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        if opts.differentiable {
+            Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?)
+        } else {
+            Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, d, false)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, d, false)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, i, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}

@@ -1,0 +1,405 @@
+//! Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral without sliding window) and
+//! Qwen2, which is the same network with biases on q/k/v.
+//!
+//! Follows Hugging Face transformers `modeling_llama.py` / `modeling_qwen2.py` (v4.5x): pre-norm
+//! blocks, RMSNorm, rotary embeddings in the "rotate half" layout, grouped-query attention, SwiGLU
+//! MLP. Field names equal the checkpoint's tensor names, so loading is one-to-one.
+//!
+//! Glossary: b batch, t new tokens, s total keys (cached + new), nh query heads, nkv KV heads,
+//! g = nh / nkv query heads per KV head, hd head dim, d hidden size, v vocabulary.
+//!
+//! The model is immutable; the KV cache is passed in (`HybridCache`).
+
+use crate::formats::config::ModelConfig;
+use crate::formats::weights::Weights;
+use crate::model::attention::{Attention, LayerCtx};
+use crate::model::cache::{HybridCache, KvCache, LayerCache};
+use crate::model::hybrid::{MambaSettings, RecurformerSection};
+use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
+use crate::model::mamba::MambaMixer;
+use crate::model::options::{ForwardOptions, ProbsObserver};
+use crate::model::plan::LayerPlan;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// Which query heads of a layer stay softmax attention and which a Mamba mixer replaces
+/// (whole KV groups; see `plan.rs`). A base model keeps every head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSplit {
+    pub attention_heads: Vec<usize>,
+    pub mamba_heads: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    /// Softmax attention over the kept heads; None when the mixer replaced every group.
+    pub self_attn: Option<Attention>,
+    /// The Mamba mixer standing in for the replaced heads; None in a base model.
+    pub mixer: Option<MambaMixer>,
+    /// o_proj as stored in the checkpoint, (d, nh*hd), heads in their original order.
+    pub o_proj: Linear,
+    /// o_proj with its input columns reordered to [kept heads..., replaced heads...], the order in
+    /// which the forward concatenates attention and mixer outputs: one GEMM, no scatter.
+    o_proj_run: Linear,
+    pub split: HeadSplit,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn load(
+        w: &Weights,
+        i: usize,
+        cfg: &ModelConfig,
+        hybrid: Option<(&LayerPlan, &MambaSettings)>,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let g = cfg.group_size();
+        let (split, kept_groups, mixer) = match hybrid {
+            None => (
+                HeadSplit {
+                    attention_heads: (0..cfg.num_attention_heads).collect(),
+                    mamba_heads: vec![],
+                },
+                cfg.num_key_value_heads,
+                None,
+            ),
+            Some((lp, ms)) => {
+                let mixer = if lp.mamba_groups.is_empty() {
+                    None
+                } else {
+                    let mc = ms.mamba_config(cfg, lp.mamba_groups.len());
+                    Some(
+                        MambaMixer::load(w, &format!("{p}.mixer"), &mc)
+                            .with_context(|| format!("layer {i} mixer"))?,
+                    )
+                };
+                (
+                    HeadSplit {
+                        attention_heads: lp.attention_heads.clone(),
+                        mamba_heads: lp.mamba_heads.clone(),
+                    },
+                    lp.attention_groups.len(),
+                    mixer,
+                )
+            }
+        };
+        let self_attn = if kept_groups == 0 {
+            None
+        } else {
+            Some(Attention::load(
+                w,
+                &format!("{p}.self_attn"),
+                cfg,
+                kept_groups * g,
+                kept_groups,
+            )?)
+        };
+        let (d, nh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim);
+        // transformers' `attention_bias` also puts a bias on o_proj for Llama; Qwen2 never does.
+        let o_bias =
+            cfg.attention_bias && cfg.architecture == crate::formats::config::Architecture::Llama;
+        let o_proj = Linear::load(w, &format!("{p}.self_attn.o_proj"), d, nh * hd, o_bias)?;
+        let o_proj_run = reorder_o_proj(&o_proj, &split, hd)?;
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                d,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn,
+            mixer,
+            o_proj,
+            o_proj_run,
+            split,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                d,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+
+    /// A layer of `base` with its heads split between `self_attn` and `mixer` (used by `convert`).
+    pub fn with_split(
+        base: &DecoderLayer,
+        self_attn: Option<Attention>,
+        mixer: Option<MambaMixer>,
+        split: HeadSplit,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let o_proj_run = reorder_o_proj(&base.o_proj, &split, head_dim)?;
+        Ok(DecoderLayer {
+            input_layernorm: base.input_layernorm.clone(),
+            self_attn,
+            mixer,
+            o_proj: base.o_proj.clone(),
+            o_proj_run,
+            split,
+            post_attention_layernorm: base.post_attention_layernorm.clone(),
+            mlp: base.mlp.clone(),
+        })
+    }
+
+    pub fn forward(
+        &self,
+        ctx: &mut LayerCtx,
+        x: &Tensor,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let h = self.input_layernorm.forward(x, ctx.opts)?;
+        let mut parts = Vec::with_capacity(2);
+        if let Some(attn) = &self.self_attn {
+            let kv = cache
+                .kv
+                .as_mut()
+                .context("layer cache has no KV part for the kept heads")?;
+            parts.push(attn.heads_forward(ctx, &h, kv)?); // (b, t, kept*hd)
+        }
+        if let Some(mixer) = &self.mixer {
+            let state = cache
+                .recurrent
+                .as_mut()
+                .context("layer cache has no recurrent state for the mixer")?;
+            let y = if t == 1 {
+                mixer.step(&h, state)? // (b, 1, replaced*hd)
+            } else {
+                let (y, new_state) = mixer.forward_seq(&h, Some(state), ctx.opts)?; // (b, t, replaced*hd)
+                *state = new_state;
+                y
+            };
+            parts.push(y);
+        }
+        // (b, t, nh*hd), heads ordered [kept..., replaced...] to match o_proj_run's columns.
+        let o_in = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, 2)?
+        };
+        let x = (x + self.o_proj_run.forward(&o_in)?)?;
+        let h = self.post_attention_layernorm.forward(&x, ctx.opts)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+/// o_proj with input columns ordered [kept heads..., replaced heads...].
+fn reorder_o_proj(o: &Linear, split: &HeadSplit, hd: usize) -> Result<Linear> {
+    let nh = split.attention_heads.len() + split.mamba_heads.len();
+    let order: Vec<usize> = split
+        .attention_heads
+        .iter()
+        .chain(&split.mamba_heads)
+        .copied()
+        .collect();
+    if order.iter().copied().eq(0..nh) {
+        return Ok(o.clone());
+    }
+    let cols: Vec<u32> = order
+        .iter()
+        .flat_map(|&h| (h * hd..(h + 1) * hd).map(|c| c as u32))
+        .collect();
+    let idx = Tensor::new(cols.as_slice(), o.weight.device())?;
+    Ok(Linear {
+        weight: o.weight.index_select(&idx, 1)?,
+        bias: o.bias.clone(),
+    })
+}
+
+/// Mixer hyper-parameters shared by every layer of a hybrid (the `recurformer.mixer` section of
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    /// Plan, mixer settings and provenance of a RecurFormer; None for a base model.
+    pub recurformer: Option<RecurformerSection>,
+    pub embed_tokens: Tensor, // (v, d)
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Tensor, // (v, d); the embedding itself when tied
+    pub rope: Rope,
+    pub device: Device,
+}
+
+impl Model {
+    /// Builds the base model from `weights`, checking every tensor's shape and that none is left over.
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
+        Self::load_hybrid(w, cfg, None)
+    }
+
+    /// Builds a base model (`section` None) or a RecurFormer whose layers follow the section's plan.
+    pub fn load_hybrid(
+        w: &Weights,
+        cfg: &ModelConfig,
+        section: Option<&RecurformerSection>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if let Some(s) = section {
+            s.plan
+                .validate(cfg)
+                .context("the plan in config.json does not fit the model")?;
+        }
+        let hybrid = section.map(|s| (&s.plan, &s.mixer));
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, d])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(w, i, cfg, hybrid.map(|(p, m)| (&p.layers[i], m))))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm.weight", d, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some exporters also save the tied copy; it carries no information.
+            w.skip("lm_head.weight");
+            embed_tokens.clone()
+        } else {
+            w.get("lm_head.weight", &[v, d])?
+        };
+        for name in w.names() {
+            if name.ends_with("rotary_emb.inv_freq") {
+                w.skip(name); // recomputed from the config
+            }
+        }
+        w.finish()?;
+        let device = embed_tokens.device().clone();
+        Ok(Model {
+            cfg: cfg.clone(),
+            recurformer: section.cloned(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg),
+            device,
+        })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        let lin =
+            |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count());
+        let mut n = self.embed_tokens.elem_count() + self.norm.weight.elem_count();
+        if !self.cfg.tie_word_embeddings {
+            n += self.lm_head.elem_count();
+        }
+        for l in &self.layers {
+            if let Some(a) = &l.self_attn {
+                n += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj);
+            }
+            if let Some(m) = &l.mixer {
+                n += m.params().iter().map(|p| p.elem_count()).sum::<usize>();
+            }
+            n += lin(&l.o_proj);
+            n += lin(&l.mlp.gate_proj) + lin(&l.mlp.up_proj) + lin(&l.mlp.down_proj);
+            n += l.input_layernorm.weight.elem_count()
+                + l.post_attention_layernorm.weight.elem_count();
+        }
+        n
+    }
+
+    /// An empty cache for `batch` sequences, with room for `capacity` tokens before it grows.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> HybridCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerCache {
+                kv: l
+                    .self_attn
+                    .as_ref()
+                    .map(|a| KvCache::new(batch, a.n_kv_heads, a.head_dim, capacity)),
+                // A zero state of a shape fixed by the validated config: only an out-of-memory
+                // condition can fail here.
+                recurrent: l.mixer.as_ref().map(|m| {
+                    m.new_state(batch, &self.device)
+                        .expect("allocating a zero recurrent state")
+                }),
+            })
+            .collect();
+        HybridCache::new(layers, self.device.clone())
+    }
+
+    /// Runs the decoder over `ids` (b, t) appended to `cache`; returns final hidden states (b, t, d).
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        cache: &mut HybridCache,
+        opts: &ForwardOptions,
+        mut observer: Option<&mut ProbsObserver>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t == 0 {
+            bail!("forward called with no tokens");
+        }
+        if cache.layers.len() != self.layers.len() {
+            bail!(
+                "cache has {} layers, model has {}",
+                cache.layers.len(),
+                self.layers.len()
+            );
+        }
+        let max_id = ids.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+        if max_id as usize >= self.cfg.vocab_size {
+            bail!(
+                "token id {max_id} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        let offset = cache.seq_len;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?; // (b, t, d)
+        let (cos, sin) = self.rope.tables(offset, t, &self.device)?;
+        for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let mut ctx = LayerCtx {
+                layer: i,
+                rope: &self.rope,
+                cos: &cos,
+                sin: &sin,
+                opts,
+                observer: observer.as_deref_mut(),
+            };
+            x = layer.forward(&mut ctx, &x, lc)?;
+        }
+        cache.seq_len += t;
+        self.norm.forward(&x, opts)
+    }
+
+    /// Logits at every position: (b, t, v).
+    pub fn forward(&self, ids: &Tensor, cache: &mut HybridCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, &ForwardOptions::default(), None)?;
+        self.logits(&h)
+    }
+
+    /// Logits at the last position only: (b, v). What generation needs.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut HybridCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, &ForwardOptions::default(), None)?;
+        let t = h.dim(1)?;
+        Ok(self.logits(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+
+    /// Hidden states (b, t, d) -> logits (b, t, v).
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        Ok(h.reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Bytes of the per-sequence state a model needs: KV per token (kept groups) and the constant
+    /// recurrent state, as the cache will hold them.
+    pub fn cache_bytes_per_token_and_state(&self) -> (usize, usize) {
+        let mut kv = 0;
+        let mut state = 0;
+        for l in &self.layers {
+            if let Some(a) = &l.self_attn {
+                kv += 2 * a.n_kv_heads * a.head_dim * 4;
+            }
+            if let Some(mx) = &l.mixer {
+                state += mx.cfg.state_bytes(1);
+            }
+        }
+        (kv, state)
+    }
+}
