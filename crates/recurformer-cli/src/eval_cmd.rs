@@ -48,6 +48,33 @@ pub(crate) struct EvalArgs {
     /// Directory for eval.json, eval.md and needle_<i>.png.
     #[arg(long, default_value = "runs/eval")]
     pub out: PathBuf,
+    /// A plan whose replaced groups `--kv-window` restricts in the first model (a base model):
+    /// the plan's causal ceiling (DESIGN.md, "Retrieval-aware selection").
+    #[arg(long, requires = "kv_window")]
+    pub kv_window_plan: Option<PathBuf>,
+    /// Recent-key windows: for each, the first model with the plan's groups restricted to the
+    /// sinks plus that many recent keys is evaluated after the models given, as one more model.
+    #[arg(long, num_args = 1.., requires = "kv_window_plan")]
+    pub kv_window: Vec<usize>,
+    /// Sink tokens the restricted groups keep seeing beside their window.
+    #[arg(long, default_value_t = 4)]
+    pub kv_sinks: usize,
+}
+
+/// One model to evaluate: a path, or the first model restricted to a window on a plan's groups.
+struct ModelEntry {
+    path: PathBuf,
+    window: Option<usize>,
+}
+
+impl ModelEntry {
+    /// The name reports use.
+    fn name(&self) -> String {
+        match self.window {
+            None => shown_path(&self.path),
+            Some(w) => format!("{} [window {w} on plan]", shown_path(&self.path)),
+        }
+    }
 }
 
 const TASKS: [&str; 4] = ["perplexity", "cache", "needle", "hashhop"];
@@ -56,11 +83,22 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     use recurformer::eval::tasks::{HashHopConfig, NeedleConfig};
     use recurformer::formats::text::{load_documents, token_stream};
     a.threads.apply();
-    let models = if a.models.is_empty() {
+    let paths = if a.models.is_empty() {
         vec![recurformer::default_model_path()]
     } else {
         a.models.clone()
     };
+    let mut models: Vec<ModelEntry> = paths
+        .iter()
+        .map(|p| ModelEntry {
+            path: p.clone(),
+            window: None,
+        })
+        .collect();
+    models.extend(a.kv_window.iter().map(|&w| ModelEntry {
+        path: paths[0].clone(),
+        window: Some(w),
+    }));
     for t in &a.tasks {
         if !TASKS.contains(&t.as_str()) {
             bail!("unknown task {t:?} (available: {})", TASKS.join(", "));
@@ -109,7 +147,14 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     let per_case: u64 = task_contexts.iter().map(|&c| c as u64).sum();
     let task_tokens = (has("needle") as u64) * per_case * (a.depths.len() * a.samples) as u64
         + (has("hashhop") as u64) * per_case * (a.hops.len() * a.samples) as u64;
-    let mut first = Some(recurformer::checkpoint::loader::load(&models[0])?);
+    let mut first = Some(recurformer::checkpoint::loader::load(&models[0].path)?);
+    let window_plan = match &a.kv_window_plan {
+        Some(p) => {
+            let cfg = &first.as_ref().expect("loaded above").model.cfg;
+            Some(recurformer::model::plan::Plan::load(p, cfg)?)
+        }
+        None => None,
+    };
     let assumed_windows = if has("perplexity") {
         let f = first.as_ref().expect("loaded above");
         ppl_windows(token_stream(&docs, f.tokenizer()?, None)?.len())
@@ -126,14 +171,21 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     let mut results = Vec::new();
-    for (mi, path) in models.iter().enumerate() {
-        let loaded = match first.take() {
+    for (mi, me) in models.iter().enumerate() {
+        let path = &me.path;
+        let mut loaded = match first.take() {
             Some(l) => l,
             None => recurformer::checkpoint::loader::load(path)?,
         };
+        if let (Some(w), Some(plan)) = (me.window, window_plan.as_ref()) {
+            loaded.model = loaded.model.with_kv_window(plan, a.kv_sinks, w)?;
+        }
         let m = &loaded.model;
-        let short = short_name(path);
-        let mut entry = json!({"model": shown_path(path)});
+        let short = match me.window {
+            None => short_name(path),
+            Some(w) => format!("{} [window {w}]", short_name(path)),
+        };
+        let mut entry = json!({"model": me.name()});
         if has("perplexity") {
             let tokens = token_stream(&docs, loaded.tokenizer()?, None)?;
             let w = ppl_windows(tokens.len());
@@ -165,7 +217,7 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
                 &mut |n| pb.inc(n as u64),
             )?;
             let png = a.out.join(format!("needle_{mi}.png"));
-            recurformer::report::needle_heatmap(&r, &shown_path(path), &png)?;
+            recurformer::report::needle_heatmap(&r, &me.name(), &png)?;
             entry["needle"] = serde_json::to_value(&r)?;
             entry["needle_png"] = json!(png.file_name().map(|f| f.to_string_lossy()));
         }

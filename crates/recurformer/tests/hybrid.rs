@@ -335,3 +335,29 @@ fn bench_points_report_first_token_time_and_exact_cache_bytes() -> Result<()> {
     assert!(bench_point(&base, &tokens, 10, 2, 0).is_err());
     Ok(())
 }
+
+/// The causal ceiling's model (`Model::with_kv_window`): a window covering the whole sequence is
+/// the base model; a short one changes exactly the restricted groups' outputs; decoding with the
+/// cache equals the full forward; a RecurFormer or a zero window is refused.
+#[test]
+fn kv_window_restriction_is_exact_and_decodes_like_the_full_forward() -> Result<()> {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let t = ids.dim(1)?;
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![1]])?;
+        let wide = base.with_kv_window(&plan, 0, t)?;
+        assert!(max_abs_diff(&logits(&base, &ids)?, &logits(&wide, &ids)?)? < 1e-5);
+        let narrow = base.with_kv_window(&plan, 1, 2)?;
+        assert!(max_abs_diff(&logits(&base, &ids)?, &logits(&narrow, &ids)?)? > 1e-3);
+        // Up to the first positions every key is a sink or recent: the first 3 logits agree.
+        let first = |m: &Model| -> Result<Tensor> { Ok(logits(m, &ids)?.narrow(1, 0, 3)?) };
+        assert!(max_abs_diff(&first(&base)?, &first(&narrow)?)? < 1e-5);
+        let d = cached_vs_full(&narrow, &ids, 5)?;
+        assert!(d <= 1e-4, "{name}: cached vs full {d}");
+        assert!(base.with_kv_window(&plan, 4, 0).is_err());
+        let h = hybrid(&base, &plan, None, Init::Random)?;
+        assert!(h.with_kv_window(&plan, 4, 32).is_err());
+    }
+    Ok(())
+}

@@ -93,6 +93,7 @@ pub fn convert(base: &Model, o: &ConvertOptions) -> Result<Model> {
                 n_heads: lp.attention_heads.len(),
                 n_kv_heads: lp.attention_groups.len(),
                 head_dim: hd,
+                window: None,
             })
         };
         let mixer = if lp.mamba_groups.is_empty() {

@@ -10,6 +10,7 @@ use crate::formats::weights::Weights;
 use crate::model::cache::KvCache;
 use crate::model::layers::{Linear, Rope};
 use crate::model::options::{AttentionImpl, AttnObservation, ForwardOptions, ProbsObserver};
+use crate::model::window::{windowed_attention, KvWindow};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
 
@@ -141,6 +142,9 @@ pub struct Attention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Groups restricted to sinks + a recent window (the causal ceiling of a plan, see
+    /// `model::window`); None for ordinary attention.
+    pub window: Option<KvWindow>,
 }
 
 impl Attention {
@@ -162,6 +166,7 @@ impl Attention {
             n_heads,
             n_kv_heads,
             head_dim: hd,
+            window: None,
         })
     }
 
@@ -193,13 +198,25 @@ impl Attention {
         let k = ctx.rope.apply(&k, ctx.cos, ctx.sin, ctx.opts)?;
         let (k_all, v_all) = kv.append(&k, &v)?; // (b, nkv, s, hd)
         let want_probs = ctx.observer.is_some();
-        let (o, probs) = attention(AttentionInputs {
-            q: &q,
-            k: &k_all,
-            v: &v_all,
-            opts: ctx.opts,
-            want_probs,
-        })?;
+        let (o, probs) = match &self.window {
+            None => attention(AttentionInputs {
+                q: &q,
+                k: &k_all,
+                v: &v_all,
+                opts: ctx.opts,
+                want_probs,
+            })?,
+            Some(w) => {
+                if want_probs {
+                    bail!(
+                        "layer {}: attention restricted to a window does not hand probabilities to \
+                         an observer",
+                        ctx.layer
+                    );
+                }
+                (self.split_window(&q, &k_all, &v_all, w, ctx.opts)?, None)
+            }
+        };
         if let (Some(obs), Some(p)) = (ctx.observer.as_mut(), probs.as_ref()) {
             obs(&AttnObservation {
                 layer: ctx.layer,
@@ -209,5 +226,67 @@ impl Attention {
             })?;
         }
         Ok(o.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (b, t, nh*hd)
+    }
+
+    /// Attention with the groups of `w` restricted to sinks + window and the others unrestricted:
+    /// q (b, nh, t, hd), k / v (b, nkv, s, hd) -> (b, nh, t, hd). The two sets of heads are
+    /// gathered apart and put back in head order; the gather copies the cache's keys and values
+    /// once per call, acceptable for measuring a plan's ceiling, not an inference path.
+    fn split_window(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        w: &KvWindow,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        let g = self.n_heads / self.n_kv_heads;
+        if let Some(&bad) = w.groups.iter().find(|&&x| x >= self.n_kv_heads) {
+            bail!(
+                "window restriction names KV group {bad}, the layer has {}",
+                self.n_kv_heads
+            );
+        }
+        let free: Vec<usize> = (0..self.n_kv_heads)
+            .filter(|x| !w.groups.contains(x))
+            .collect();
+        let heads = |gs: &[usize]| -> Vec<u32> {
+            gs.iter()
+                .flat_map(|&x| (x * g..(x + 1) * g).map(|h| h as u32))
+                .collect()
+        };
+        let dev = q.device();
+        let pick = |x: &Tensor, idx: &[u32]| -> Result<Tensor> {
+            Ok(x.contiguous()?.index_select(&Tensor::new(idx, dev)?, 1)?)
+        };
+        let win_groups: Vec<u32> = w.groups.iter().map(|&x| x as u32).collect();
+        let win_heads = heads(&w.groups);
+        let o_win = windowed_attention(
+            &pick(q, &win_heads)?,
+            &pick(k, &win_groups)?,
+            &pick(v, &win_groups)?,
+            w.sinks,
+            w.window,
+        )?; // (b, |win_heads|, t, hd)
+        if free.is_empty() {
+            return Ok(o_win);
+        }
+        let free_groups: Vec<u32> = free.iter().map(|&x| x as u32).collect();
+        let free_heads = heads(&free);
+        let (o_free, _) = attention(AttentionInputs {
+            q: &pick(q, &free_heads)?,
+            k: &pick(k, &free_groups)?,
+            v: &pick(v, &free_groups)?,
+            opts,
+            want_probs: false,
+        })?; // (b, |free_heads|, t, hd)
+             // Back to head order: position of each head in [free heads..., window heads...].
+        let order: Vec<u32> = free_heads.iter().chain(&win_heads).copied().collect();
+        let mut inverse = vec![0u32; order.len()];
+        for (i, &h) in order.iter().enumerate() {
+            inverse[h as usize] = i as u32;
+        }
+        let both = Tensor::cat(&[o_free, o_win], 1)?;
+        Ok(both.index_select(&Tensor::new(inverse.as_slice(), dev)?, 1)?)
     }
 }

@@ -18,7 +18,8 @@ use crate::model::hybrid::{MambaSettings, RecurformerSection};
 use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::mamba::MambaMixer;
 use crate::model::options::{ForwardOptions, ProbsObserver};
-use crate::model::plan::LayerPlan;
+use crate::model::plan::{LayerPlan, Plan};
+use crate::model::window::KvWindow;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -401,5 +402,34 @@ impl Model {
             }
         }
         (kv, state)
+    }
+
+    /// The base model with the KV groups that `plan` replaces restricted to `sinks` + a recent
+    /// `window` of keys, every other group unchanged (`model::window`): the causal ceiling of the
+    /// plan, the retrieval a mixer that reproduces only local attention could keep at best.
+    pub fn with_kv_window(&self, plan: &Plan, sinks: usize, window: usize) -> Result<Model> {
+        if self.recurformer.is_some() {
+            bail!("a window restriction applies to a base model, not to a RecurFormer");
+        }
+        if window == 0 {
+            bail!("attention window 0: a query must see at least its own key");
+        }
+        plan.validate(&self.cfg)?;
+        let mut m = self.clone();
+        for (layer, lp) in m.layers.iter_mut().zip(&plan.layers) {
+            if lp.mamba_groups.is_empty() {
+                continue;
+            }
+            let attn = layer
+                .self_attn
+                .as_mut()
+                .with_context(|| format!("layer {}: no attention to restrict", lp.layer))?;
+            attn.window = Some(KvWindow {
+                groups: lp.mamba_groups.clone(),
+                sinks,
+                window,
+            });
+        }
+        Ok(m)
     }
 }

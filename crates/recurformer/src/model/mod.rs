@@ -16,3 +16,4 @@ pub mod llama;
 pub mod mamba;
 pub mod options;
 pub mod plan;
+pub mod window;

@@ -10,7 +10,7 @@ use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::llama::{DecoderLayer, Model};
 use crate::model::mamba::{MambaMixer, PARAM_NAMES};
 use crate::model::options::{AttentionImpl, ForwardOptions};
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var, D};
 
@@ -67,6 +67,7 @@ pub fn map_model(m: &Model, f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>) 
                 n_heads: a.n_heads,
                 n_kv_heads: a.n_kv_heads,
                 head_dim: a.head_dim,
+                window: a.window.clone(),
             }),
             None => None,
         };
@@ -252,6 +253,9 @@ pub(super) fn attention_train(
 ) -> Result<Tensor> {
     let (b, t, _) = h.dims3()?;
     let (nh, nkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
+    if a.window.is_some() {
+        bail!("training through attention restricted to a window is not supported");
+    }
     let g = nh / nkv;
     let q = linear_train(&a.q_proj, h)?
         .reshape((b, t, nh, hd))?
