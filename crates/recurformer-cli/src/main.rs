@@ -128,6 +128,14 @@ struct ConvertArgs {
     /// Seed for random initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep the replaced heads as attention over the sinks plus this many recent keys beside each
+    /// mixer (a bounded cache); the mixer starts silent and learns what lies beyond the window.
+    /// Off by default (the mixer alone replaces the heads).
+    #[arg(long)]
+    local_window: Option<usize>,
+    /// Sink tokens the windowed heads keep seeing (with --local-window).
+    #[arg(long, default_value_t = 4, requires = "local_window")]
+    local_sinks: usize,
     /// Output checkpoint directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     out: PathBuf,
@@ -567,6 +575,12 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
             init,
             seed: a.seed,
             provenance,
+            local: a
+                .local_window
+                .map(|window| recurformer::model::hybrid::LocalWindow {
+                    sinks: a.local_sinks,
+                    window,
+                }),
         },
     )?;
     save_checkpoint(&hybrid, loaded.tokenizer.as_ref(), &a.out)?;

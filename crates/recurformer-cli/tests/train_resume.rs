@@ -38,6 +38,7 @@ fn setup(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
                 recurformer_version: "test".into(),
                 training: vec![],
             },
+            local: None,
         },
     )?;
     let hybrid = dir.join("hybrid");

@@ -49,6 +49,7 @@ fn perplexity_matches_the_reference_and_empty_plan_matches_base() -> Result<()> 
         init: recurformer::model::hybrid::Init::Attention,
         seed: 0,
         provenance: prov,
+        local: None,
     };
     let h = recurformer::convert::init::convert(&loaded.model, &opts)?;
     let he = recurformer::eval::perplexity::perplexity(&h, &ids, 512, None, &mut |_| {})?;

@@ -43,6 +43,7 @@ fn hybrid(m: &Model, plan: &Plan, recency: Option<&RecencyReport>, init: Init) -
             init,
             seed: 3,
             provenance: provenance(),
+            local: None,
         },
     )
 }
@@ -358,6 +359,73 @@ fn kv_window_restriction_is_exact_and_decodes_like_the_full_forward() -> Result<
         assert!(base.with_kv_window(&plan, 4, 0).is_err());
         let h = hybrid(&base, &plan, None, Init::Random)?;
         assert!(h.with_kv_window(&plan, 4, 32).is_err());
+    }
+    Ok(())
+}
+
+/// Windowed heads beside the mixer (`convert` with `local`): at conversion the hybrid is exactly
+/// the base model restricted to the window on the plan's groups (the mixer starts silent); with
+/// the mixer active it decodes like the full forward, round-trips through a checkpoint, and its
+/// cache holds at most sinks + window - 1 tokens per windowed group.
+#[test]
+fn windowed_heads_start_at_the_ceiling_and_decode_like_the_full_forward() -> Result<()> {
+    use recurformer::model::hybrid::LocalWindow;
+    let tmp = tempfile::tempdir()?;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let t = ids.dim(1)?;
+        let ids_v: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let report = report_for(&base, &ids_v, 2)?;
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let local = LocalWindow {
+            sinks: 2,
+            window: 3,
+        };
+        let h = convert(
+            &base,
+            &ConvertOptions {
+                plan: &plan,
+                recency: Some(&report),
+                init: Init::Attention,
+                seed: 3,
+                provenance: provenance(),
+                local: Some(local),
+            },
+        )?;
+        let ceiling = base.with_kv_window(&plan, 2, 3)?;
+        let d = max_abs_diff(&logits(&ceiling, &ids)?, &logits(&h, &ids)?)?;
+        assert!(d < 1e-5, "{name}: converted vs ceiling {d}");
+        // Wake the mixers up: the sum of both parts must still decode like the full forward.
+        let h = recurformer::train::map_model(&h, &mut |n, x| {
+            Ok(if n.ends_with(".mixer.norm.weight") {
+                x.ones_like()?
+            } else {
+                x.clone()
+            })
+        })?;
+        assert!(max_abs_diff(&logits(&ceiling, &ids)?, &logits(&h, &ids)?)? > 1e-4);
+        let d = cached_vs_full(&h, &ids, 5)?;
+        assert!(d <= 1e-4, "{name}: cached vs full {d}");
+        let d = cached_vs_full(&h, &ids, 1)?;
+        assert!(d <= 1e-4, "{name}: cached vs full from one token {d}");
+        let back = save_and_load(&h, &tmp.path().join(name))?;
+        assert_eq!(
+            max_abs_diff(&logits(&h, &ids)?, &logits(&back, &ids)?)?,
+            0.0
+        );
+        assert_eq!(
+            back.recurformer.as_ref().map(|s| s.mixer.local),
+            Some(Some(local))
+        );
+        let mut cache = back.new_cache(1, t);
+        back.forward(&ids, &mut cache)?;
+        let c = &back.cfg;
+        // Layer 0 replaces group 0, layer 1 both groups: 3 windowed groups, sinks + window - 1
+        // tokens each.
+        assert_eq!(cache.bytes().window, 3 * 2 * c.head_dim * 4 * (2 + 3 - 1));
+        let (_, state) = back.cache_bytes_per_token_and_state();
+        assert_eq!(state, cache.bytes().recurrent + cache.bytes().window);
     }
     Ok(())
 }

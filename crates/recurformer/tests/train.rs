@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use common::train::*;
 use common::*;
 use recurformer::model::hybrid::Init;
+use recurformer::model::hybrid::LocalWindow;
 use recurformer::model::llama::Model;
 use recurformer::model::options::{AttentionImpl, ForwardOptions};
 use recurformer::train::{
@@ -28,12 +29,18 @@ fn training_forward_equals_the_model_forward() -> Result<()> {
         ("tiny-qwen2", vec![vec![1], vec![]]),
     ] {
         let (base, h) = tiny_hybrid(name, &groups, Init::Attention)?;
+        // The same plan with windowed heads (1 sink + 3 recent keys) beside the mixers.
+        let local = LocalWindow {
+            sinks: 1,
+            window: 3,
+        };
+        let (_, hl) = tiny_local_hybrid(name, &groups, local)?;
         let (ids, _) = tiny_expected(name)?;
         let fwd: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
         let t = fwd.len();
         let both: Vec<u32> = fwd.iter().chain(fwd.iter().rev()).copied().collect();
         let ids = Tensor::from_vec(both, (2, t), &Device::Cpu)?; // (2, t): forward and reversed
-        for (what, m) in [("base", &base), ("hybrid", &h)] {
+        for (what, m) in [("base", &base), ("hybrid", &h), ("hybrid+window", &hl)] {
             let reference = m.forward_hidden(&ids, &mut m.new_cache(2, t), &eager, None)?;
             let ours = forward_train(m, &ids)?;
             let d = max_abs_diff(&reference, &ours)?;
@@ -284,6 +291,43 @@ fn mixers_oproj_trains_the_converted_layers_o_proj_only() -> Result<()> {
         "lm_head.weight",
     ] {
         assert_eq!(bits(&after[name])?, bits(&before[name])?, "{name} changed");
+    }
+    Ok(())
+}
+
+/// Windowed heads beside the mixers: the default scope leaves them frozen (they are the base
+/// model's own heads), `all` trains them, and every trained tensor receives a gradient.
+#[test]
+fn windowed_heads_are_frozen_by_default_and_get_gradients_when_trained() -> Result<()> {
+    let local = LocalWindow {
+        sinks: 1,
+        window: 3,
+    };
+    let (base, h) = tiny_local_hybrid("tiny-llama", &[vec![0], vec![1]], local)?;
+    let (ids, _) = tiny_expected("tiny-llama")?;
+    let teacher_logits = base.logits(&forward_train(&base, &ids)?)?;
+    for scope in [TrainScope::Mixers, TrainScope::All] {
+        let (hm, vars) = make_trainable(&h, scope)?;
+        let local_vars = vars
+            .iter()
+            .filter(|(n, _)| n.contains(".local_attn."))
+            .count();
+        assert_eq!(
+            local_vars,
+            if scope == TrainScope::All { 6 } else { 0 },
+            "{scope:?}"
+        );
+        let logits = logits_train(&hm, &forward_train(&hm, &ids)?)?;
+        let g = distill_losses(&logits, &teacher_logits, &ids)?
+            .0
+            .backward()?;
+        for (name, v) in &vars {
+            let gv = g
+                .get(v.as_tensor())
+                .with_context(|| format!("{name}: no gradient"))?;
+            let m = gv.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(m > 0.0 && m.is_finite(), "{scope:?} {name}: |grad| max {m}");
+        }
     }
     Ok(())
 }

@@ -435,6 +435,7 @@ fn distillation_lowers_the_held_out_loss_of_the_default_model() -> Result<()> {
             init: Init::Attention,
             seed: 0,
             provenance: provenance(&default_model().display().to_string()),
+            local: None,
         },
     )?;
     let data = TrainData::new(&train_docs, &held, base.cfg.eos_token_ids.first().copied());
@@ -528,6 +529,7 @@ fn throughput() -> Result<()> {
             init: Init::Attention,
             seed: 0,
             provenance: provenance("default"),
+            local: None,
         },
     )?;
     let data = TrainData::new(

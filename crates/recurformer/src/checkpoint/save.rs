@@ -56,6 +56,9 @@ pub fn named_tensors(m: &Model) -> Vec<(String, Tensor)> {
         if let Some(mx) = &l.mixer {
             out.extend(mx.tensors(&format!("{p}.mixer")));
         }
+        if let Some(la) = &l.local {
+            out.extend(la.tensors(&format!("{p}.local_attn")));
+        }
     }
     out
 }

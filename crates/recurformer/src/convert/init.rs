@@ -5,11 +5,14 @@
 
 use crate::convert::recency::RecencyReport;
 use crate::model::attention::Attention;
-use crate::model::hybrid::{Init, MambaSettings, Provenance, RecurformerSection, FORMAT_VERSION};
+use crate::model::hybrid::{
+    Init, LocalWindow, MambaSettings, Provenance, RecurformerSection, FORMAT_VERSION,
+};
 use crate::model::layers::Linear;
 use crate::model::llama::{DecoderLayer, HeadSplit, Model};
 use crate::model::mamba::{MambaConfig, MambaMixer, ATTN_INIT_DT, SILU_ONE};
 use crate::model::plan::{Plan, MIXER_CONV_KERNEL};
+use crate::model::window::LocalAttention;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
@@ -36,6 +39,11 @@ pub struct ConvertOptions<'a> {
     pub init: Init,
     pub seed: u64,
     pub provenance: Provenance,
+    /// Windowed heads beside each mixer: the replaced heads keep their q/k/v over sinks + a
+    /// recent window, and the mixer's output starts at zero (its gated norm's scale is 0), so the
+    /// converted model is exactly the base model restricted to that window on the plan's groups
+    /// (`Model::with_kv_window`); training then teaches the mixer what lies beyond the window.
+    pub local: Option<LocalWindow>,
 }
 
 /// Turns a base model into a RecurFormer following `plan`: kept heads keep their q/k/v rows, each
@@ -71,7 +79,13 @@ pub fn convert(base: &Model, o: &ConvertOptions) -> Result<Model> {
     let settings = MambaSettings {
         state_size: cfg.head_dim,
         conv_kernel: MIXER_CONV_KERNEL,
+        local: o.local,
     };
+    if let Some(lw) = o.local {
+        if lw.window == 0 {
+            bail!("windowed heads with a window of 0 keys: a query must see at least its own");
+        }
+    }
     let hd = cfg.head_dim;
     let mut layers = Vec::with_capacity(base.layers.len());
     for (i, (bl, lp)) in base.layers.iter().zip(&o.plan.layers).enumerate() {
@@ -144,7 +158,28 @@ pub fn convert(base: &Model, o: &ConvertOptions) -> Result<Model> {
                 }
             })
         };
-        layers.push(DecoderLayer::with_split(bl, kept, mixer, split, hd)?);
+        let (mixer, local) = match (mixer, o.local) {
+            (Some(mx), Some(lw)) => {
+                let local = LocalAttention {
+                    q_proj: linear_rows(&attn.q_proj, &lp.mamba_heads, hd)?,
+                    k_proj: linear_rows(&attn.k_proj, &lp.mamba_groups, hd)?,
+                    v_proj: linear_rows(&attn.v_proj, &lp.mamba_groups, hd)?,
+                    n_heads: lp.mamba_heads.len(),
+                    n_kv_heads: lp.mamba_groups.len(),
+                    head_dim: hd,
+                    settings: lw,
+                };
+                // The mixer adds to the windowed heads; it starts silent (ReZero-style zero
+                // scale on its output norm) so the conversion changes nothing beyond the window.
+                let mx = MambaMixer {
+                    norm_weight: mx.norm_weight.zeros_like()?,
+                    ..mx
+                };
+                (Some(mx), Some(local))
+            }
+            (mixer, _) => (mixer, None),
+        };
+        layers.push(DecoderLayer::with_split(bl, kept, mixer, split, hd)?.with_local(local));
     }
     let section = RecurformerSection {
         format_version: FORMAT_VERSION,

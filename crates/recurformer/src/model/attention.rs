@@ -10,7 +10,7 @@ use crate::formats::weights::Weights;
 use crate::model::cache::KvCache;
 use crate::model::layers::{Linear, Rope};
 use crate::model::options::{AttentionImpl, AttnObservation, ForwardOptions, ProbsObserver};
-use crate::model::window::{windowed_attention, KvWindow};
+use crate::model::window::{windowed_attention, KeyLayout, KvWindow};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
 
@@ -265,8 +265,10 @@ impl Attention {
             &pick(q, &win_heads)?,
             &pick(k, &win_groups)?,
             &pick(v, &win_groups)?,
+            KeyLayout::default(),
             w.sinks,
             w.window,
+            false,
         )?; // (b, |win_heads|, t, hd)
         if free.is_empty() {
             return Ok(o_win);

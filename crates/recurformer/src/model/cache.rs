@@ -97,6 +97,115 @@ impl KvCache {
     }
 }
 
+/// Keys and values of a layer's windowed heads (`model::window::LocalAttention`): the first
+/// `sinks` positions and the `window - 1` most recent ones, the keys the next query can see besides
+/// its own. Its size is bounded by `sinks + window - 1` tokens whatever the context length.
+#[derive(Clone)]
+pub struct WindowKv {
+    /// Sink keys / values, positions 0..ns (ns <= sinks), (b, nkv, ns, hd).
+    sink: Option<(Tensor, Tensor)>,
+    /// Recent keys / values, contiguous positions ending at `seen`, (b, nkv, nr, hd).
+    recent: Option<(Tensor, Tensor)>,
+    /// Tokens seen so far.
+    pub seen: usize,
+    pub sinks: usize,
+    pub window: usize,
+}
+
+impl WindowKv {
+    pub fn new(sinks: usize, window: usize) -> Self {
+        WindowKv {
+            sink: None,
+            recent: None,
+            seen: 0,
+            sinks,
+            window,
+        }
+    }
+
+    fn rows(x: &Option<(Tensor, Tensor)>) -> usize {
+        x.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Bytes of the keys and values held (f32).
+    pub fn bytes(&self) -> usize {
+        [&self.sink, &self.recent]
+            .iter()
+            .filter_map(|x| x.as_ref())
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
+            .sum()
+    }
+
+    /// Appends the new keys / values `k`, `v` (b, nkv, t, hd) and returns every key the new
+    /// queries may need with its layout (sinks, then contiguous positions up to the new ones),
+    /// then keeps only the sinks and the `window - 1` most recent positions.
+    pub fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor, crate::model::window::KeyLayout)> {
+        let t = k.dim(2)?;
+        let ns = Self::rows(&self.sink);
+        let nr = Self::rows(&self.recent);
+        let first_pos = self.seen - nr;
+        let cat = |parts: Vec<&Tensor>| -> Result<Tensor> {
+            Ok(if parts.len() == 1 {
+                parts[0].clone()
+            } else {
+                Tensor::cat(&parts, 2)?
+            })
+        };
+        let mut ks: Vec<&Tensor> = Vec::with_capacity(3);
+        let mut vs: Vec<&Tensor> = Vec::with_capacity(3);
+        for (ck, cv) in [&self.sink, &self.recent].into_iter().flatten() {
+            ks.push(ck);
+            vs.push(cv);
+        }
+        ks.push(k);
+        vs.push(v);
+        let (all_k, all_v) = (cat(ks)?, cat(vs)?);
+        // Rows: the sinks (positions 0..ns), then contiguous positions first_pos.. (the recent
+        // part, then the new keys). While the sinks are incomplete the recent part is empty and
+        // first_pos = ns, so the run continues the sinks.
+        let layout = crate::model::window::KeyLayout {
+            sink_rows: ns,
+            first_pos,
+        };
+        let row = |pos: usize| {
+            if pos < ns {
+                pos
+            } else {
+                ns + (pos - first_pos)
+            }
+        };
+        // Keep the positions below `sinks` and the last window - 1 positions above them.
+        let end = self.seen + t;
+        let keep_sinks = self.sinks.min(end);
+        if keep_sinks > ns {
+            // Positions ns..keep_sinks are new keys right after the sink rows (first_pos = ns).
+            self.sink = Some((
+                all_k.narrow(2, 0, keep_sinks)?.contiguous()?,
+                all_v.narrow(2, 0, keep_sinks)?.contiguous()?,
+            ));
+        }
+        let recent_lo = (end + 1).saturating_sub(self.window).max(keep_sinks);
+        self.recent = if recent_lo < end {
+            Some((
+                all_k
+                    .narrow(2, row(recent_lo), end - recent_lo)?
+                    .contiguous()?,
+                all_v
+                    .narrow(2, row(recent_lo), end - recent_lo)?
+                    .contiguous()?,
+            ))
+        } else {
+            None
+        };
+        self.seen = end;
+        Ok((all_k, all_v, layout))
+    }
+}
+
 /// Recurrent state of a Mamba mixer: the last (kernel-1) conv inputs and the SSM state.
 #[derive(Clone)]
 pub struct RecurrentState {
@@ -117,6 +226,8 @@ impl RecurrentState {
 pub struct LayerCache {
     pub kv: Option<KvCache>,
     pub recurrent: Option<RecurrentState>,
+    /// Keys and values of the windowed heads beside the mixer, when the layer has them.
+    pub window: Option<WindowKv>,
 }
 
 /// Byte counts of a cache, split by kind.
@@ -124,11 +235,13 @@ pub struct LayerCache {
 pub struct CacheBytes {
     pub kv: usize,
     pub recurrent: usize,
+    /// Keys and values of windowed heads (sinks + recent window): bounded, like `recurrent`.
+    pub window: usize,
 }
 
 impl CacheBytes {
     pub fn total(&self) -> usize {
-        self.kv + self.recurrent
+        self.kv + self.recurrent + self.window
     }
 }
 
@@ -158,6 +271,9 @@ impl HybridCache {
             if let Some(r) = &l.recurrent {
                 b.recurrent += r.bytes();
             }
+            if let Some(w) = &l.window {
+                b.window += w.bytes();
+            }
         }
         b
     }
@@ -168,6 +284,7 @@ impl HybridCache {
             .map(|l| {
                 l.kv.as_ref().map_or(0, |k| k.allocated_bytes())
                     + l.recurrent.as_ref().map_or(0, |r| r.bytes())
+                    + l.window.as_ref().map_or(0, |w| w.bytes())
             })
             .sum()
     }

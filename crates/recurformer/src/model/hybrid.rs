@@ -65,6 +65,18 @@ impl RecurformerSection {
 pub struct MambaSettings {
     pub state_size: usize,
     pub conv_kernel: usize,
+    /// Windowed heads beside each mixer (`model::window::LocalAttention`); absent in checkpoints
+    /// written before they existed, which have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalWindow>,
+}
+
+/// The keys the windowed heads beside a mixer see: the first `sinks` positions and the `window`
+/// most recent ones (a query's own included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalWindow {
+    pub sinks: usize,
+    pub window: usize,
 }
 
 impl MambaSettings {

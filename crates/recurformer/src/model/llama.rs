@@ -13,13 +13,13 @@
 use crate::formats::config::ModelConfig;
 use crate::formats::weights::Weights;
 use crate::model::attention::{Attention, LayerCtx};
-use crate::model::cache::{HybridCache, KvCache, LayerCache};
+use crate::model::cache::{HybridCache, KvCache, LayerCache, WindowKv};
 use crate::model::hybrid::{MambaSettings, RecurformerSection};
 use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::mamba::MambaMixer;
 use crate::model::options::{ForwardOptions, ProbsObserver};
 use crate::model::plan::{LayerPlan, Plan};
-use crate::model::window::KvWindow;
+use crate::model::window::{KvWindow, LocalAttention};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -38,6 +38,9 @@ pub struct DecoderLayer {
     pub self_attn: Option<Attention>,
     /// The Mamba mixer standing in for the replaced heads; None in a base model.
     pub mixer: Option<MambaMixer>,
+    /// The replaced heads' own attention over sinks + a recent window, added to the mixer's
+    /// output; None unless the checkpoint's mixer settings ask for it.
+    pub local: Option<LocalAttention>,
     /// o_proj as stored in the checkpoint, (d, nh*hd), heads in their original order.
     pub o_proj: Linear,
     /// o_proj with its input columns reordered to [kept heads..., replaced heads...], the order in
@@ -57,13 +60,14 @@ impl DecoderLayer {
     ) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let g = cfg.group_size();
-        let (split, kept_groups, mixer) = match hybrid {
+        let (split, kept_groups, mixer, local) = match hybrid {
             None => (
                 HeadSplit {
                     attention_heads: (0..cfg.num_attention_heads).collect(),
                     mamba_heads: vec![],
                 },
                 cfg.num_key_value_heads,
+                None,
                 None,
             ),
             Some((lp, ms)) => {
@@ -76,6 +80,19 @@ impl DecoderLayer {
                             .with_context(|| format!("layer {i} mixer"))?,
                     )
                 };
+                let local = match ms.local {
+                    Some(lw) if !lp.mamba_groups.is_empty() => Some(
+                        LocalAttention::load(
+                            w,
+                            &format!("{p}.local_attn"),
+                            cfg,
+                            lp.mamba_groups.len(),
+                            lw,
+                        )
+                        .with_context(|| format!("layer {i} windowed heads"))?,
+                    ),
+                    _ => None,
+                };
                 (
                     HeadSplit {
                         attention_heads: lp.attention_heads.clone(),
@@ -83,6 +100,7 @@ impl DecoderLayer {
                     },
                     lp.attention_groups.len(),
                     mixer,
+                    local,
                 )
             }
         };
@@ -112,6 +130,7 @@ impl DecoderLayer {
             )?,
             self_attn,
             mixer,
+            local,
             o_proj,
             o_proj_run,
             split,
@@ -138,12 +157,19 @@ impl DecoderLayer {
             input_layernorm: base.input_layernorm.clone(),
             self_attn,
             mixer,
+            local: None,
             o_proj: base.o_proj.clone(),
             o_proj_run,
             split,
             post_attention_layernorm: base.post_attention_layernorm.clone(),
             mlp: base.mlp.clone(),
         })
+    }
+
+    /// This layer with windowed heads beside its mixer (used by `convert` and training copies).
+    pub fn with_local(mut self, local: Option<LocalAttention>) -> Self {
+        self.local = local;
+        self
     }
 
     pub fn forward(
@@ -173,6 +199,16 @@ impl DecoderLayer {
                 let (y, new_state) = mixer.forward_seq(&h, Some(state), ctx.opts)?; // (b, t, replaced*hd)
                 *state = new_state;
                 y
+            };
+            let y = match &self.local {
+                Some(local) => {
+                    let wkv = cache
+                        .window
+                        .as_mut()
+                        .context("layer cache has no window part for the windowed heads")?;
+                    (y + local.forward(ctx, &h, wkv)?)? // (b, t, replaced*hd)
+                }
+                None => y,
             };
             parts.push(y);
         }
@@ -291,6 +327,9 @@ impl Model {
             if let Some(m) = &l.mixer {
                 n += m.params().iter().map(|p| p.elem_count()).sum::<usize>();
             }
+            if let Some(a) = &l.local {
+                n += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj);
+            }
             n += lin(&l.o_proj);
             n += lin(&l.mlp.gate_proj) + lin(&l.mlp.up_proj) + lin(&l.mlp.down_proj);
             n += l.input_layernorm.weight.elem_count()
@@ -315,6 +354,10 @@ impl Model {
                     m.new_state(batch, &self.device)
                         .expect("allocating a zero recurrent state")
                 }),
+                window: l
+                    .local
+                    .as_ref()
+                    .map(|a| WindowKv::new(a.settings.sinks, a.settings.window)),
             })
             .collect();
         HybridCache::new(layers, self.device.clone())
@@ -399,6 +442,9 @@ impl Model {
             }
             if let Some(mx) = &l.mixer {
                 state += mx.cfg.state_bytes(1);
+            }
+            if let Some(a) = &l.local {
+                state += a.max_state_bytes(1);
             }
         }
         (kv, state)

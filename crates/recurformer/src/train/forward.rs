@@ -10,6 +10,7 @@ use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::llama::{DecoderLayer, Model};
 use crate::model::mamba::{MambaMixer, PARAM_NAMES};
 use crate::model::options::{AttentionImpl, ForwardOptions};
+use crate::model::window::{windowed_attention, KeyLayout, LocalAttention, LocalWindow};
 use anyhow::{bail, ensure, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var, D};
@@ -87,14 +88,20 @@ pub fn map_model(m: &Model, f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>) 
             }
             None => None,
         };
+        let local = match &l.local {
+            Some(a) => Some(LocalAttention {
+                q_proj: map_linear(f, &format!("{p}.local_attn.q_proj"), &a.q_proj)?,
+                k_proj: map_linear(f, &format!("{p}.local_attn.k_proj"), &a.k_proj)?,
+                v_proj: map_linear(f, &format!("{p}.local_attn.v_proj"), &a.v_proj)?,
+                ..a.clone()
+            }),
+            None => None,
+        };
         // with_split rebuilds the reordered o_proj from the mapped one.
-        layers.push(DecoderLayer::with_split(
-            &base,
-            self_attn,
-            mixer,
-            l.split.clone(),
-            m.cfg.head_dim,
-        )?);
+        layers.push(
+            DecoderLayer::with_split(&base, self_attn, mixer, l.split.clone(), m.cfg.head_dim)?
+                .with_local(local),
+        );
     }
     Ok(Model {
         embed_tokens,
@@ -281,6 +288,24 @@ pub(super) fn attention_train(
     Ok(o.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (b, t, nh*hd)
 }
 
+/// The windowed heads beside a mixer on the training path: x (b, t, d) from position 0 ->
+/// (b, t, n*hd), every op recording a backward pass; frozen projections skip their weight
+/// gradients as in [`attention_train`].
+pub(super) fn local_train(
+    la: &LocalAttention,
+    rope: &Rope,
+    x: &Tensor,
+    cos_sin: (&Tensor, &Tensor),
+    opts: &ForwardOptions,
+) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (q, k, v) = la.qkv(x, rope, cos_sin, opts, &|l, x| linear_train(l, x))?;
+    let LocalWindow { sinks, window } = la.settings;
+    let o = windowed_attention(&q, &k, &v, KeyLayout::default(), sinks, window, true)?; // (b, n, t, hd)
+    Ok(o.transpose(1, 2)?
+        .reshape((b, t, la.n_heads * la.head_dim))?)
+}
+
 /// The training forward of a (hybrid) model: `ids` (b, t) from an empty state -> final normalised
 /// hidden states (b, t, d), every op recording a backward pass (eager attention, `rms_norm_slow`,
 /// `rope_slow`, the mixer's graph scan). Works in the model's dtype (f32, or f64 for checks).
@@ -329,7 +354,11 @@ pub fn forward_train_states(
             parts.push(attention_train(a, &m.rope, &h, (&cos, &sin), &mask, &opts)?);
         }
         if let Some(mx) = &layer.mixer {
-            parts.push(mx.forward_seq(&h, None, &opts)?.0); // (b, t, n*hd)
+            let y = mx.forward_seq(&h, None, &opts)?.0; // (b, t, n*hd)
+            parts.push(match &layer.local {
+                Some(la) => (y + local_train(la, &m.rope, &h, (&cos, &sin), &opts)?)?,
+                None => y,
+            });
         }
         let o_in = if parts.len() == 1 {
             parts.pop().expect("one part")

@@ -123,7 +123,17 @@ pub(super) fn align_micro(
             .mixer
             .as_ref()
             .context("converted layer without mixer")?;
-        let (y, _) = mixer.forward_seq(&u.to_dtype(mixer.x_proj.dtype())?, None, &opts)?;
+        let u = u.to_dtype(mixer.x_proj.dtype())?;
+        let (y, _) = mixer.forward_seq(&u, None, &opts)?;
+        // With windowed heads beside the mixer, the two together stand in for the heads.
+        let y = match &student.layers[c.layer].local {
+            Some(la) => {
+                let (cos, sin) = student.rope.tables(0, u.dim(1)?, &student.device)?;
+                let (cos, sin) = (cos.to_dtype(u.dtype())?, sin.to_dtype(u.dtype())?);
+                (y + local_train(la, &student.rope, &u, (&cos, &sin), &opts)?)?
+            }
+            None => y,
+        };
         let l = normalised_mse(&y, &target.to_dtype(y.dtype())?)?;
         parts.push(scalar(&l)?);
         total = Some(match total {

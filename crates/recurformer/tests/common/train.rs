@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use recurformer::convert::init::{convert, ConvertOptions};
 use recurformer::convert::recency::Calibration;
+use recurformer::model::hybrid::LocalWindow;
 use recurformer::model::hybrid::{Init, Provenance};
 use recurformer::model::llama::Model;
 use recurformer::model::plan::Plan;
@@ -30,6 +31,33 @@ pub fn provenance(base: &str) -> Provenance {
 
 /// A tiny hybrid: `groups[l]` are the KV groups of layer l replaced by a mixer.
 pub fn tiny_hybrid(name: &str, groups: &[Vec<usize>], init: Init) -> Result<(Model, Model)> {
+    tiny_hybrid_with(name, groups, init, None)
+}
+
+/// [`tiny_hybrid`] with windowed heads beside the mixers (`local`), their mixers' output scale set
+/// to 1 so that both parts contribute.
+pub fn tiny_local_hybrid(
+    name: &str,
+    groups: &[Vec<usize>],
+    local: LocalWindow,
+) -> Result<(Model, Model)> {
+    let (base, h) = tiny_hybrid_with(name, groups, Init::Attention, Some(local))?;
+    let h = recurformer::train::map_model(&h, &mut |n, t| {
+        Ok(if n.ends_with(".mixer.norm.weight") {
+            t.ones_like()?
+        } else {
+            t.clone()
+        })
+    })?;
+    Ok((base, h))
+}
+
+pub fn tiny_hybrid_with(
+    name: &str,
+    groups: &[Vec<usize>],
+    init: Init,
+    local: Option<LocalWindow>,
+) -> Result<(Model, Model)> {
     let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
     let (ids, _) = tiny_expected(name)?;
     let ids: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
@@ -50,6 +78,7 @@ pub fn tiny_hybrid(name: &str, groups: &[Vec<usize>], init: Init) -> Result<(Mod
             init,
             seed: 3,
             provenance: provenance(&fixture(name).display().to_string()),
+            local,
         },
     )?;
     Ok((base, h))
