@@ -254,12 +254,13 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
         Stage {
             name: "eval-retrieval",
             what: "needle (105 cases), HashHop and the induction probe: base vs trained",
-            // Teacher-forced needle over 3 contexts x 5 depths x 7 samples = 105 cases per model,
-            // enough for a Wilson interval of about +-10 points near 80 % and a McNemar test with
-            // power; HashHop stays at one case per cell. The estimate is one case per context
-            // measured on the base model here (3.3, 6.0 and 14 s at 1K, 2K, 4K; the trained
-            // model's prefill is about 0.8x) times 35 per context for two models, plus HashHop
-            // and the induction probe (BENCHMARKS.md, "Retrieval measured with enough cases").
+            // Teacher-forced needle over 3 contexts x 5 depths x 7 samples = 105 cases per model:
+            // a Wilson interval of about +-8 points near 80 % (+-3.5 at 0 or 100 %) where 9 cases
+            // gave +-30. A case costs one prefill: 3.3, 6.0 and 14.2 s at 1K, 2K and 4K for the
+            // base on an idle machine, 2.1, 4.6 and 11.3 s for the trained 50 % model (the
+            // committed demo report); 35 cases per context and model make 1,450 s, HashHop (one
+            // case per cell) ~85 s and the induction probe ~25 s (BENCHMARKS.md, "Retrieval
+            // measured with enough cases").
             args: cmd("eval")
                 .models(&[base, &ps.trained])
                 .flag("--tasks", &["needle,hashhop,induction"])
