@@ -267,11 +267,12 @@ fn add_mcnemar(results: &mut [Value]) -> Result<()> {
     Ok(())
 }
 
-/// "62% [49%, 73%]" for a `Proportion` in eval.json.
+/// "61.9% [52.4%, 70.6%]" for a `Proportion` in eval.json (one decimal: an induction probe's
+/// interval over thousands of positions is narrower than a point).
 pub(crate) fn fmt_rate(p: &Value) -> String {
     match (p["rate"].as_f64(), p["low"].as_f64(), p["high"].as_f64()) {
         (Some(r), Some(l), Some(h)) => {
-            format!("{:.0}% [{:.0}%, {:.0}%]", 100.0 * r, 100.0 * l, 100.0 * h)
+            format!("{:.1}% [{:.1}%, {:.1}%]", 100.0 * r, 100.0 * l, 100.0 * h)
         }
         _ => "-".into(),
     }
