@@ -152,7 +152,7 @@ pub fn run_induction(
             }
         }
         per_sequence.push(seq_hits as f64 / ((r - 1) * (l - 1)) as f64);
-        progress(ids.len());
+        progress(l * r); // the tokens `eval` counts for the probe (BOS aside)
     }
     let per = cfg.sequences * (l - 1);
     Ok(InductionResults {
