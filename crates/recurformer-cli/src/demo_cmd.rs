@@ -253,10 +253,17 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
         },
         Stage {
             name: "eval-retrieval",
-            what: "needle-in-a-haystack and HashHop: base vs trained",
+            what: "needle (105 cases), HashHop and the induction probe: base vs trained",
+            // Teacher-forced needle over 3 contexts x 5 depths x 7 samples = 105 cases per model:
+            // a Wilson interval of about +-8 points near 80 % (+-3.5 at 0 or 100 %) where 9 cases
+            // gave +-30. A case costs one prefill: 3.3, 6.0 and 14.2 s at 1K, 2K and 4K for the
+            // base on an idle machine, 2.1, 4.6 and 11.3 s for the trained 50 % model (the
+            // committed demo report); 35 cases per context and model make 1,450 s, HashHop (one
+            // case per cell) ~85 s and the induction probe ~25 s (BENCHMARKS.md, "Retrieval
+            // measured with enough cases").
             args: cmd("eval")
                 .models(&[base, &ps.trained])
-                .flag("--tasks", &["needle,hashhop"])
+                .flag("--tasks", &["needle,hashhop,induction"])
                 .sizes(
                     &[
                         "--task-context",
@@ -265,19 +272,36 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                         "4096",
                         "--depths",
                         "0",
+                        "0.25",
                         "0.5",
+                        "0.75",
                         "1",
+                        "--samples",
+                        "7",
                         "--hops",
                         "1",
                         "2",
+                        "--hashhop-samples",
+                        "1",
                     ],
-                    &["--task-context", "256", "--depths", "0.5", "--hops", "1"],
+                    &[
+                        "--task-context",
+                        "256",
+                        "--depths",
+                        "0.5",
+                        "--hops",
+                        "1",
+                        "--induction-sequences",
+                        "2",
+                        "--induction-span",
+                        "16",
+                    ],
                 )
                 .path("--out", &ps.eval_tasks)
                 .threads(a.threads)
                 .build(),
             outputs: vec![ps.eval_tasks.join("eval.json")],
-            estimate_s: if q { 20.0 } else { 380.0 },
+            estimate_s: if q { 20.0 } else { 1560.0 },
         },
         Stage {
             name: "bench",
@@ -702,10 +726,25 @@ fn report(
         ));
     }
     let tres = tasks["results"].as_array().cloned().unwrap_or_default();
+    // Exact match with its Wilson interval; the McNemar test of the trained model against the base.
     let acc = |mi: usize, task: &str| {
         tres.get(mi)
-            .and_then(|r| r[task]["accuracy"].as_f64())
-            .map(|x| format!("{:.0}%", 100.0 * x))
+            .map(|r| crate::eval_cmd::fmt_rate(&r[task]["summary"]["exact_match"]))
+            .unwrap_or_else(|| "-".into())
+    };
+    let cases = |task: &str| {
+        tres.first()
+            .map(|r| r[task]["summary"]["exact_match"]["trials"].to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mcnemar = |task: &str| {
+        tres.get(1)
+            .map(|r| crate::eval_cmd::fmt_mcnemar(&r[task]["mcnemar_vs_first"]))
+            .unwrap_or_else(|| "-".into())
+    };
+    let induction = |mi: usize| {
+        tres.get(mi)
+            .map(|r| crate::eval_cmd::fmt_rate(&r["induction"]["overall"]))
             .unwrap_or_else(|| "-".into())
     };
     let task_ctx: Vec<String> = tasks["task_contexts"]
@@ -715,13 +754,24 @@ fn report(
         .map(|c| c.to_string())
         .collect();
     md.push_str(&format!(
-        "\nRetrieval at contexts {} tokens (exact match; per-cell tables below): \
-         needle-in-a-haystack base **{}**, trained **{}**; HashHop base **{}**, trained **{}**.\n\n",
+        "\nRetrieval at contexts {} tokens ({} scoring; exact match with its Wilson 95 % \
+         interval, and the exact McNemar test of trained against base on the same cases: p, then \
+         the cases only the base got right vs only the trained model; every table below): \
+         needle-in-a-haystack over {} cases base **{}**, trained **{}**, McNemar {}; HashHop over \
+         {} cases base **{}**, trained **{}**, McNemar {}. Induction (copying a repeated span of \
+         random tokens, repeats 2-4): base **{}**, trained **{}**.\n\n",
         task_ctx.join(", "),
+        tasks["scoring"].as_str().unwrap_or("-"),
+        cases("needle"),
         acc(0, "needle"),
         acc(1, "needle"),
+        mcnemar("needle"),
+        cases("hashhop"),
         acc(0, "hashhop"),
-        acc(1, "hashhop")
+        acc(1, "hashhop"),
+        mcnemar("hashhop"),
+        induction(0),
+        induction(1),
     ));
 
     // Speed.

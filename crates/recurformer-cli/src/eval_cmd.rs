@@ -1,6 +1,8 @@
 //! `recurformer eval`: every model on the same inputs (held-out perplexity per context length,
-//! cache bytes, needle-in-a-haystack, HashHop), one progress bar over the whole run, one table,
-//! eval.json + eval.md (+ a needle heatmap per model).
+//! cache bytes, needle-in-a-haystack, HashHop, the induction probe), one progress bar over the whole
+//! run, one table, eval.json + eval.md (+ a needle heatmap per model). Retrieval is reported as
+//! exact match with a Wilson 95 % interval, per-digit accuracy, mean answer log-probability, and an
+//! exact McNemar test of each model against the first on the same cases.
 
 use crate::bench_cmd::short_name;
 use crate::human_bytes;
@@ -18,7 +20,7 @@ pub(crate) struct EvalArgs {
     pub models: Vec<PathBuf>,
     #[command(flatten)]
     pub threads: crate::ThreadArgs,
-    /// Tasks, comma-separated: perplexity, cache, needle, hashhop.
+    /// Tasks, comma-separated: perplexity, cache, needle, hashhop, induction.
     #[arg(long, value_delimiter = ',', default_value = "perplexity,cache")]
     pub tasks: Vec<String>,
     /// Context lengths for needle and hashhop (default: the --context lengths).
@@ -33,9 +35,25 @@ pub(crate) struct EvalArgs {
     /// Cases per needle / hashhop cell.
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
-    /// Seed of the needle values, haystack offsets and hashes.
+    /// Cases per HashHop cell, when it should differ from --samples.
+    #[arg(long)]
+    pub hashhop_samples: Option<usize>,
+    /// Seed of the needle values, haystack offsets, hashes and induction spans.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// How needle and HashHop cases are scored: `teacher-forced` (the default: prompt + expected
+    /// answer in one forward pass, exact match = every answer token is the argmax; also gives
+    /// per-digit accuracy and the answer's log-probability, and costs a prefill, no decode steps)
+    /// or `generate` (greedy decoding, the answer anywhere in the output as a whole word; also
+    /// accepts answers written in another form).
+    #[arg(long, default_value = "teacher-forced")]
+    pub scoring: recurformer::eval::tasks::Scoring,
+    /// Induction probe: sequences (one forward each).
+    #[arg(long, default_value_t = 16)]
+    pub induction_sequences: usize,
+    /// Induction probe: random tokens per span (each sequence is the span repeated 4 times).
+    #[arg(long, default_value_t = 64)]
+    pub induction_span: usize,
     /// Context lengths for perplexity and cache.
     #[arg(long, num_args = 1.., default_values_t = [512usize, 2048, 4096, 8192])]
     pub context: Vec<usize>,
@@ -77,10 +95,10 @@ impl ModelEntry {
     }
 }
 
-const TASKS: [&str; 4] = ["perplexity", "cache", "needle", "hashhop"];
+const TASKS: [&str; 5] = ["perplexity", "cache", "needle", "hashhop", "induction"];
 
 pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
-    use recurformer::eval::tasks::{HashHopConfig, NeedleConfig};
+    use recurformer::eval::tasks::{HashHopConfig, InductionConfig, NeedleConfig};
     use recurformer::formats::text::{load_documents, token_stream};
     a.threads.apply();
     let paths = if a.models.is_empty() {
@@ -121,12 +139,20 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         depths: a.depths.clone(),
         samples: a.samples,
         seed: a.seed,
+        scoring: a.scoring,
         ..Default::default()
     };
     let hashhop_cfg = HashHopConfig {
         contexts: task_contexts.clone(),
         hops: a.hops.clone(),
-        samples: a.samples,
+        samples: a.hashhop_samples.unwrap_or(a.samples),
+        seed: a.seed,
+        scoring: a.scoring,
+        ..Default::default()
+    };
+    let induction_cfg = InductionConfig {
+        sequences: a.induction_sequences,
+        span: a.induction_span,
         seed: a.seed,
         ..Default::default()
     };
@@ -146,7 +172,9 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         |w: &[usize]| -> u64 { w.iter().zip(&a.context).map(|(w, c)| (w * c) as u64).sum() };
     let per_case: u64 = task_contexts.iter().map(|&c| c as u64).sum();
     let task_tokens = (has("needle") as u64) * per_case * (a.depths.len() * a.samples) as u64
-        + (has("hashhop") as u64) * per_case * (a.hops.len() * a.samples) as u64;
+        + (has("hashhop") as u64) * per_case * (a.hops.len() * hashhop_cfg.samples) as u64
+        + (has("induction") as u64)
+            * (induction_cfg.sequences * induction_cfg.span * induction_cfg.repeats) as u64;
     let mut first = Some(recurformer::checkpoint::loader::load(&models[0].path)?);
     let window_plan = match &a.kv_window_plan {
         Some(p) => {
@@ -231,6 +259,16 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
             )?;
             entry["hashhop"] = serde_json::to_value(&r)?;
         }
+        if has("induction") {
+            pb.set_message(format!("[{}/{}] {short}: induction", mi + 1, models.len()));
+            let r = recurformer::eval::tasks::run_induction(
+                m,
+                loaded.tokenizer()?,
+                &induction_cfg,
+                &mut |n| pb.inc(n as u64),
+            )?;
+            entry["induction"] = serde_json::to_value(&r)?;
+        }
         if has("cache") {
             let (kv_tok, state) = m.cache_bytes_per_token_and_state();
             let cache: Vec<Value> = a
@@ -243,11 +281,12 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         results.push(entry);
     }
     pb.finish_and_clear();
+    add_mcnemar(&mut results)?;
     let table = markdown(&results);
     print!("{table}");
     let json = json!({"data": data.iter().map(|d| shown_path(d)).collect::<Vec<_>>(),
         "limit": a.limit, "contexts": a.context, "task_contexts": task_contexts, "tasks": a.tasks,
-        "results": results});
+        "scoring": a.scoring, "results": results});
     recurformer::formats::io::write_atomic(
         &a.out.join("eval.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
@@ -255,6 +294,136 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     recurformer::formats::io::write_atomic(&a.out.join("eval.md"), table.as_bytes())?;
     eprintln!("wrote {}/eval.json and eval.md", a.out.display());
     Ok(())
+}
+
+/// Adds `mcnemar_vs_first` to the needle and HashHop results of every model after the first: the
+/// exact McNemar test on the cases both ran (the same grid, so the same cases in the same order).
+fn add_mcnemar(results: &mut [Value]) -> Result<()> {
+    let outcomes = |r: &Value, task: &str| -> Option<Vec<bool>> {
+        r[task]["cases"]
+            .as_array()
+            .map(|c| c.iter().map(|x| x["correct"] == json!(true)).collect())
+    };
+    for task in ["needle", "hashhop"] {
+        let Some(first) = results.first().and_then(|r| outcomes(r, task)) else {
+            continue;
+        };
+        for r in results.iter_mut().skip(1) {
+            if let Some(other) = outcomes(r, task) {
+                let m = recurformer::eval::stats::mcnemar(&first, &other)
+                    .map_err(|e| anyhow::anyhow!("{task}: {e}"))?;
+                r[task]["mcnemar_vs_first"] = serde_json::to_value(m)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// "61.9% [52.4%, 70.6%]" for a `Proportion` in eval.json (one decimal: an induction probe's
+/// interval over thousands of positions is narrower than a point).
+pub(crate) fn fmt_rate(p: &Value) -> String {
+    match (p["rate"].as_f64(), p["low"].as_f64(), p["high"].as_f64()) {
+        (Some(r), Some(l), Some(h)) => {
+            format!("{:.1}% [{:.1}%, {:.1}%]", 100.0 * r, 100.0 * l, 100.0 * h)
+        }
+        _ => "-".into(),
+    }
+}
+
+/// "p = 0.039 (2 vs 10)" for a `McNemar` in eval.json: the p-value, then the cases only the first
+/// model got right against those only this one got right.
+pub(crate) fn fmt_mcnemar(m: &Value) -> String {
+    match m["p_value"].as_f64() {
+        Some(p) => format!(
+            "p = {} ({} vs {})",
+            if p < 0.001 {
+                format!("{p:.1e}")
+            } else {
+                format!("{p:.3}")
+            },
+            m["reference_only"],
+            m["other_only"]
+        ),
+        None => "-".into(),
+    }
+}
+
+/// The retrieval summary table (needle, HashHop) and the induction table.
+fn retrieval_markdown(results: &[Value]) -> String {
+    let name = |r: &Value| r["model"].as_str().unwrap_or("").to_string();
+    let mut md = String::new();
+    let tasks: Vec<&str> = ["needle", "hashhop"]
+        .into_iter()
+        .filter(|t| results.iter().any(|r| r[*t]["summary"].is_object()))
+        .collect();
+    if !tasks.is_empty() {
+        md.push_str(
+            "Retrieval summary: exact match with its Wilson 95 % interval; per-digit accuracy \
+             (answer tokens holding a digit or letter that were the argmax) and mean \
+             log-probability of the answer tokens (teacher-forced scoring only); exact McNemar \
+             test against the first model on the same cases (cases only the first got right vs \
+             only this one)\n\n\
+             | model | task | scoring | cases | exact match [95 % CI] | per-digit acc. | mean answer log-prob | McNemar vs first |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+        for task in tasks {
+            for r in results.iter().filter(|r| r[task]["summary"].is_object()) {
+                let s = &r[task]["summary"];
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    name(r),
+                    task,
+                    r[task]["scoring"].as_str().unwrap_or("-"),
+                    s["exact_match"]["trials"],
+                    fmt_rate(&s["exact_match"]),
+                    fmt_opt(s["digit_accuracy"].as_f64(), |x| format!(
+                        "{:.1}%",
+                        100.0 * x
+                    )),
+                    fmt_opt(s["mean_answer_logprob"].as_f64(), |x| format!("{x:.3}")),
+                    if r[task]["mcnemar_vs_first"].is_object() {
+                        fmt_mcnemar(&r[task]["mcnemar_vs_first"])
+                    } else {
+                        "-".into()
+                    }
+                ));
+            }
+        }
+        md.push('\n');
+    }
+    if let Some(i0) = results.iter().find_map(|r| r["induction"].as_object()) {
+        let reps = i0["per_repeat"].as_array().map_or(0, Vec::len);
+        md.push_str(&format!(
+            "Induction probe: {} sequences of a span of {} random tokens (ids {}..={}) repeated {} \
+             times; share of positions in repeats 2..{} whose argmax is the span's next token\n\n\
+             | model |",
+            i0["sequences"],
+            i0["span"],
+            i0["pool_first"],
+            i0["pool_last"],
+            i0["repeats"],
+            i0["repeats"]
+        ));
+        for k in 0..reps {
+            md.push_str(&format!(" repeat {} |", k + 2));
+        }
+        md.push_str(" overall [95 % CI] |\n|---|");
+        md.push_str(&"---|".repeat(reps + 1));
+        md.push('\n');
+        for r in results.iter().filter(|r| r["induction"].is_object()) {
+            let i = &r["induction"];
+            md.push_str(&format!("| {} |", name(r)));
+            for p in i["per_repeat"].as_array().into_iter().flatten() {
+                md.push_str(&format!(
+                    " {} |",
+                    fmt_opt(p["rate"].as_f64(), |x| format!("{:.1}%", 100.0 * x))
+                ));
+            }
+            md.push_str(&format!(" {} |\n", fmt_rate(&i["overall"])));
+        }
+        md.push('\n');
+    }
+    md
 }
 
 fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
@@ -396,6 +565,7 @@ pub(crate) fn markdown(results: &[Value]) -> String {
         }
         md.push_str(&overall(results, "hashhop"));
     }
+    md.push_str(&retrieval_markdown(results));
     md
 }
 

@@ -107,6 +107,35 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
         let p = r["perplexity"][0]["ppl"].as_f64().context("ppl")?;
         assert!(p.is_finite() && p > 1.0, "{r}");
     }
+    // Retrieval: teacher-forced by default, exact match with its interval and the McNemar test of
+    // trained vs base in the report's answer, the induction probe for both models.
+    let tasks = json(&out.join("eval_retrieval/eval.json"))?;
+    assert_eq!(tasks["scoring"], "teacher-forced");
+    let tres = tasks["results"].as_array().context("results")?;
+    let p = tres[1]["needle"]["mcnemar_vs_first"]["p_value"]
+        .as_f64()
+        .context("McNemar p")?;
+    assert!((0.0..=1.0).contains(&p), "{p}");
+    for r in tres {
+        let em = &r["needle"]["summary"]["exact_match"];
+        assert!(em["low"].as_f64() <= em["rate"].as_f64(), "{em}");
+        assert!(
+            r["induction"]["overall"]["trials"].as_u64() == Some(2 * 3 * 15),
+            "{r}"
+        );
+    }
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("Retrieval at contexts"))
+        .context("retrieval answer line")?;
+    assert!(
+        line.contains("teacher-forced scoring")
+            && line.contains("McNemar p = ")
+            && line.contains("Induction")
+            && line.contains("% ["),
+        "{line}"
+    );
+
     // The converted model's cache is smaller than the base's at every context.
     let bench = json(&out.join("bench/bench.json"))?;
     let pts = bench["recurformer"].as_array().context("points")?;

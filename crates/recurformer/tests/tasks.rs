@@ -390,8 +390,10 @@ fn needle_heatmap_is_a_png_of_the_expected_size() -> Result<()> {
         samples: 2,
         seed: 0,
         chat: true,
+        scoring: Scoring::TeacherForced,
         max_new_tokens: 16,
         accuracy: 0.5,
+        summary: RetrievalSummary::from_cases((0..38).map(|i| (i % 2 == 0, 7, 5, Some(-1.0)))),
         cells,
         cases: vec![],
     };
@@ -427,6 +429,7 @@ fn run_needle_end_to_end_on_the_default_model() -> Result<()> {
         samples: 1,
         seed: 1,
         chat: true,
+        scoring: Scoring::Generate,
         max_new_tokens: 12,
         ..Default::default()
     };
@@ -456,6 +459,38 @@ fn run_needle_end_to_end_on_the_default_model() -> Result<()> {
     assert_eq!(v["cells"][0]["context"], 256);
     let back: NeedleResults = serde_json::from_value(v)?;
     assert_eq!(back, r);
+    assert_eq!(r.summary.exact_match.trials, 2);
+    assert_eq!(r.summary.digit_accuracy, None);
+
+    // The same cases teacher-forced: the same verdicts here (the model answers in the expected
+    // form), plus the graded figures; no decode time.
+    let tf = run_needle(
+        &loaded.model,
+        tok,
+        &NeedleConfig {
+            scoring: Scoring::TeacherForced,
+            ..cfg.clone()
+        },
+        &mut |_| {},
+    )?;
+    for (g, t) in r.cases.iter().zip(&tf.cases) {
+        assert_eq!((g.value.as_str(), g.correct), (t.value.as_str(), t.correct));
+        assert_eq!(t.digits, 7);
+        assert!(t.answer_logprob.is_some_and(|x| x <= 0.0) && t.decode_secs == 0.0);
+        if t.correct {
+            assert_eq!(t.digits_correct, 7);
+            assert!(
+                t.output.starts_with(&format!(" {}", t.value)),
+                "{}",
+                t.output
+            );
+        }
+    }
+    assert_eq!(
+        tf.summary.exact_match.successes,
+        r.summary.exact_match.successes
+    );
+    assert!(tf.summary.digit_accuracy.is_some() && tf.summary.mean_answer_logprob.is_some());
     Ok(())
 }
 

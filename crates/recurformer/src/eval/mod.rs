@@ -4,4 +4,5 @@
 
 pub mod bench;
 pub mod perplexity;
+pub mod stats;
 pub mod tasks;

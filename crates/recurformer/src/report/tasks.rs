@@ -36,8 +36,12 @@ pub fn needle_heatmap(results: &NeedleResults, model_name: &str, path: &Path) ->
         )
         .map_err(draw_err)?;
         let subtitle = format!(
-            "{model_name}; {} sample(s) per cell, greedy, {}",
+            "{model_name}; {} sample(s) per cell, {}, {}",
             results.samples,
+            match results.scoring {
+                crate::eval::tasks::Scoring::TeacherForced => "teacher-forced greedy match",
+                crate::eval::tasks::Scoring::Generate => "greedy generation",
+            },
             if results.chat {
                 "chat template"
             } else {

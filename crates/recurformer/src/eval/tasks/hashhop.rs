@@ -297,6 +297,10 @@ pub struct HashHopConfig {
     pub samples: usize,
     pub seed: u64,
     pub chat: bool,
+    /// Teacher-forced (one forward per case; the whole chain `h1 = h2 = ...` must be the argmax)
+    /// or by generation (the final hash anywhere in the output).
+    #[serde(default)]
+    pub scoring: Scoring,
     /// Tokens generated per answer at most (a written-out chain needs about 7 per hop).
     pub max_new_tokens: usize,
     pub hash_len: usize,
@@ -310,6 +314,7 @@ impl Default for HashHopConfig {
             samples: 1,
             seed: 0,
             chat: true,
+            scoring: Scoring::default(),
             max_new_tokens: 24,
             hash_len: 8,
         }
@@ -351,6 +356,14 @@ pub struct HashHopCaseResult {
     pub answer: String,
     pub output: String,
     pub correct: bool,
+    /// Teacher-forced: content tokens of the expected chain and how many were the argmax.
+    #[serde(default)]
+    pub digits: usize,
+    #[serde(default)]
+    pub digits_correct: usize,
+    /// Teacher-forced: mean log-probability of the expected chain's tokens.
+    #[serde(default)]
+    pub answer_logprob: Option<f64>,
     /// Assignment lines in the prompt.
     pub lines: usize,
     pub prefill_secs: f64,
@@ -373,9 +386,13 @@ pub struct HashHopResults {
     pub samples: usize,
     pub seed: u64,
     pub chat: bool,
+    #[serde(default)]
+    pub scoring: Scoring,
     pub max_new_tokens: usize,
     pub hash_len: usize,
     pub accuracy: f64,
+    /// Exact match with its interval, per-token accuracy and answer log-probability.
+    pub summary: RetrievalSummary,
     /// Row-major: contexts outer, hops inner.
     pub cells: Vec<HashHopCell>,
     pub cases: Vec<HashHopCaseResult>,
@@ -414,9 +431,24 @@ pub fn run_hashhop(
             };
             let case = hashhop_case(tok, &params)
                 .with_context(|| format!("HashHop case context {context} hops {hops}"))?;
-            let (output, stats) =
-                greedy_answer(model, tok, &case.prompt, cfg.max_new_tokens, &eos)?;
-            let ok = answer_matches(&output, &case.answer);
+            // After "{q} =": " h1" for one hop, the chain " h1 = h2 = ..." as the instruction
+            // asks for more.
+            let continuation = format!(" {}", case.chain[1..].join(" = "));
+            let s = score_case(
+                model,
+                tok,
+                &CaseToScore {
+                    prompt: &case.prompt,
+                    text: &case.text,
+                    add_special: !cfg.chat,
+                    continuation: &continuation,
+                    expected: &case.answer,
+                },
+                cfg.scoring,
+                cfg.max_new_tokens,
+                &eos,
+            )
+            .with_context(|| format!("HashHop case context {context} hops {hops}"))?;
             Ok(HashHopCaseResult {
                 context,
                 hops,
@@ -424,11 +456,14 @@ pub fn run_hashhop(
                 seed: params.seed,
                 query: case.query,
                 answer: case.answer,
-                output,
-                correct: ok,
+                output: s.output,
+                correct: s.correct,
+                digits: s.content_tokens,
+                digits_correct: s.content_correct,
+                answer_logprob: s.answer_logprob,
                 lines: case.assignments.len(),
-                prefill_secs: stats.prefill_secs,
-                decode_secs: stats.decode_secs,
+                prefill_secs: s.prefill_secs,
+                decode_secs: s.decode_secs,
             })
         },
         |c| c.correct,
@@ -444,15 +479,22 @@ pub fn run_hashhop(
         })
         .collect();
     let accuracy = cases.iter().filter(|c| c.correct).count() as f64 / cases.len() as f64;
+    let summary = RetrievalSummary::from_cases(
+        cases
+            .iter()
+            .map(|c| (c.correct, c.digits, c.digits_correct, c.answer_logprob)),
+    );
     Ok(HashHopResults {
         contexts: cfg.contexts.clone(),
         hops: cfg.hops.clone(),
         samples: cfg.samples,
         seed: cfg.seed,
         chat: cfg.chat,
+        scoring: cfg.scoring,
         max_new_tokens: cfg.max_new_tokens,
         hash_len: cfg.hash_len,
         accuracy,
+        summary,
         cells,
         cases,
     })

@@ -1,8 +1,11 @@
-//! Long-context retrieval tasks for `eval`: needle in a haystack (passkey retrieval) and HashHop.
+//! Long-context retrieval tasks for `eval`: needle in a haystack (passkey retrieval), HashHop, and
+//! the induction (copy) probe on repeated random tokens (`induction`).
 //!
-//! Both tasks build a prompt of an exact number of tokens of the model's own tokenizer, ask a
-//! question whose answer sits somewhere in that context, decode greedily and score by exact match
-//! of the answer in the output ([`answer_matches`]). Every case is a pure function of a seed.
+//! Needle and HashHop build a prompt of an exact number of tokens of the model's own tokenizer and
+//! ask a question whose answer sits somewhere in that context; a case is scored teacher-forced in
+//! one forward pass (every answer token the argmax) or by greedy generation and exact match of the
+//! answer in the output ([`answer_matches`]): see `scoring`. Every case is a pure function of a
+//! seed.
 //!
 //! **Needle** (after G. Kamradt's LLMTest_NeedleInAHaystack,
 //! <https://github.com/gkamradt/LLMTest_NeedleInAHaystack/blob/9c5b8eaa82941d16b2f94e3b9b8c779bdc8eb2d4/needlehaystack/llm_needle_haystack_tester.py>,
@@ -40,10 +43,17 @@ use crate::model::llama::Model;
 use anyhow::{Context, Result};
 
 mod hashhop;
+mod induction;
 mod needle;
+pub mod scoring;
 
 pub use hashhop::*;
+pub use induction::*;
 pub use needle::*;
+pub use scoring::{
+    continuation_ids, score_case, teacher_forced, CaseScore, CaseToScore, RetrievalSummary,
+    Scoring, TeacherForced,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Prompt templates (the report cites these).

@@ -311,7 +311,10 @@ pub struct NeedleConfig {
     pub seed: u64,
     /// Frame prompts with the model's chat template.
     pub chat: bool,
-    /// Tokens generated per answer at most.
+    /// Teacher-forced (one forward per case) or by generation (see `scoring`).
+    #[serde(default)]
+    pub scoring: Scoring,
+    /// Tokens generated per answer at most (generation scoring).
     pub max_new_tokens: usize,
     /// Directory of `.txt` files for the haystack.
     pub haystack: PathBuf,
@@ -325,6 +328,7 @@ impl Default for NeedleConfig {
             samples: 1,
             seed: 0,
             chat: true,
+            scoring: Scoring::default(),
             max_new_tokens: 16,
             haystack: crate::repo_root().join(PAUL_GRAHAM_DIR),
         }
@@ -356,7 +360,7 @@ impl NeedleConfig {
     }
 }
 
-/// One generation of the needle grid.
+/// One case of the needle grid.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NeedleCaseResult {
     pub context: usize,
@@ -364,9 +368,18 @@ pub struct NeedleCaseResult {
     pub sample: usize,
     pub seed: u64,
     pub value: String,
-    /// The model's answer (new tokens, decoded).
+    /// The model's answer (new tokens, decoded); teacher-forced, the argmax at the answer's
+    /// positions and the one after.
     pub output: String,
     pub correct: bool,
+    /// Teacher-forced: the value's digits (content tokens) and how many were the argmax.
+    #[serde(default)]
+    pub digits: usize,
+    #[serde(default)]
+    pub digits_correct: usize,
+    /// Teacher-forced: mean log-probability of the answer tokens.
+    #[serde(default)]
+    pub answer_logprob: Option<f64>,
     pub needle_position: usize,
     pub depth_actual: f64,
     pub prefill_secs: f64,
@@ -390,9 +403,13 @@ pub struct NeedleResults {
     pub samples: usize,
     pub seed: u64,
     pub chat: bool,
+    #[serde(default)]
+    pub scoring: Scoring,
     pub max_new_tokens: usize,
     /// Mean over all cases.
     pub accuracy: f64,
+    /// Exact match with its interval, digit accuracy and answer log-probability.
+    pub summary: RetrievalSummary,
     /// Row-major: contexts outer, depths inner.
     pub cells: Vec<NeedleCell>,
     pub cases: Vec<NeedleCaseResult>,
@@ -431,21 +448,38 @@ pub fn run_needle(
             };
             let case = needle_prompt(tok, &haystack, &params)
                 .with_context(|| format!("needle case context {context} depth {depth}"))?;
-            let (output, stats) =
-                greedy_answer(model, tok, &case.prompt, cfg.max_new_tokens, &eos)?;
-            let ok = answer_matches(&output, &case.value);
+            // The answer as the model writes it after "... is": a space, then the value.
+            let continuation = format!(" {}", case.value);
+            let s = score_case(
+                model,
+                tok,
+                &CaseToScore {
+                    prompt: &case.prompt,
+                    text: &case.text,
+                    add_special: !cfg.chat,
+                    continuation: &continuation,
+                    expected: &case.value,
+                },
+                cfg.scoring,
+                cfg.max_new_tokens,
+                &eos,
+            )
+            .with_context(|| format!("needle case context {context} depth {depth}"))?;
             Ok(NeedleCaseResult {
                 context,
                 depth,
                 sample,
                 seed: params.seed,
                 value: case.value,
-                output,
-                correct: ok,
+                output: s.output,
+                correct: s.correct,
+                digits: s.content_tokens,
+                digits_correct: s.content_correct,
+                answer_logprob: s.answer_logprob,
                 needle_position: case.needle_position,
                 depth_actual: case.depth_actual,
-                prefill_secs: stats.prefill_secs,
-                decode_secs: stats.decode_secs,
+                prefill_secs: s.prefill_secs,
+                decode_secs: s.decode_secs,
             })
         },
         |c| c.correct,
@@ -461,14 +495,21 @@ pub fn run_needle(
         })
         .collect();
     let accuracy = cases.iter().filter(|c| c.correct).count() as f64 / cases.len() as f64;
+    let summary = RetrievalSummary::from_cases(
+        cases
+            .iter()
+            .map(|c| (c.correct, c.digits, c.digits_correct, c.answer_logprob)),
+    );
     Ok(NeedleResults {
         contexts: cfg.contexts.clone(),
         depths: cfg.depths.clone(),
         samples: cfg.samples,
         seed: cfg.seed,
         chat: cfg.chat,
+        scoring: cfg.scoring,
         max_new_tokens: cfg.max_new_tokens,
         accuracy,
+        summary,
         cells,
         cases,
     })
