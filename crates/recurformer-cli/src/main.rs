@@ -162,9 +162,42 @@ struct AnalyzeArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output report. The heatmap and the per-layer distribution are written beside it
-    /// (`<out stem>.png`, `<out stem>_distribution.png`).
+    /// (`<out stem>.png`, `<out stem>_distribution.png`), and one heatmap per head probe
+    /// (`<out stem>_<probe>.png`).
     #[arg(long, default_value = "recency.json")]
     out: PathBuf,
+    #[command(flatten)]
+    probes: ProbeArgs,
+}
+
+/// Sizes of the head probes `analyze` runs beside the recency score (induction, echo and
+/// previous-token scores on repeated random tokens; copy scores on passkey prompts), which `plan`
+/// reads to keep retrieval heads as attention. Seeded by --seed.
+#[derive(Args)]
+struct ProbeArgs {
+    /// Skip all head probes (the report then holds recency statistics only).
+    #[arg(long)]
+    no_probes: bool,
+    /// Sequences of repeated random tokens for the induction / echo / previous-token scores;
+    /// 0 skips that probe.
+    #[arg(long, default_value_t = 8)]
+    repeat_sequences: usize,
+    /// Distinct random tokens per span (L), drawn from the middle of the vocabulary.
+    #[arg(long, default_value_t = 50)]
+    repeat_span: usize,
+    /// Copies of the span per sequence (R); scores average over copies 2..R.
+    #[arg(long, default_value_t = 4)]
+    repeats: usize,
+    /// Teacher-forced passkey prompts (haystack: the calibration text) for the copy scores;
+    /// 0 skips that probe.
+    #[arg(long, default_value_t = 8)]
+    copy_prompts: usize,
+    /// Tokens per passkey prompt before the answer.
+    #[arg(long, default_value_t = 512)]
+    copy_prompt_len: usize,
+    /// Digits of each pass key.
+    #[arg(long, default_value_t = 5)]
+    copy_key_digits: usize,
 }
 
 #[derive(Args)]
@@ -485,7 +518,7 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
         seed: a.seed,
     };
     let t0 = std::time::Instant::now();
-    let report = recurformer::convert::analyze::analyze(
+    let mut report = recurformer::convert::analyze::analyze(
         &loaded.model,
         &seqs,
         a.window,
@@ -494,6 +527,16 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
         &mut |n| pb.set_position(n as u64),
     )?;
     pb.finish_and_clear();
+    let recency_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    report.probes = run_probes(&a.probes, a.seed, &loaded, &stream, &files)?;
+    if report.probes.is_some() {
+        eprintln!(
+            "analyze: recency {recency_s:.1} s, probes {:.1} s",
+            t1.elapsed().as_secs_f64()
+        );
+    }
+    report.validate()?;
     recurformer::formats::io::write_atomic(
         &a.out,
         serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -521,21 +564,101 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
     // Most and least recency-aware groups, so the terminal shows the gist.
     let mut groups = report.group_scores();
     groups.sort_by(|x, y| y.2.partial_cmp(&x.2).unwrap_or(std::cmp::Ordering::Equal));
-    let show = |g: &[(usize, usize, f64)]| {
-        g.iter()
-            .map(|(l, k, s)| format!("L{l}G{k}={s:.3}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     println!(
         "most recency-aware KV groups:  {}",
-        show(&groups[..groups.len().min(8)])
+        show_groups(&groups[..groups.len().min(8)])
     );
     println!(
         "least recency-aware KV groups: {}",
-        show(&groups[groups.len().saturating_sub(8)..])
+        show_groups(&groups[groups.len().saturating_sub(8)..])
     );
+    if let Some(probes) = &report.probes {
+        if let Some(c) = &probes.copy {
+            println!(
+                "passkey prompts: the model's own argmax is right on {:.1}% of {} answer tokens, \
+                 {} of {} keys exact",
+                100.0 * c.model_token_accuracy,
+                c.answer_tokens,
+                c.model_exact,
+                c.prompts
+            );
+        }
+        let mut pngs = Vec::new();
+        for p in probes.probes() {
+            let png = a.out.with_file_name(format!("{stem}_{}.png", p.name()));
+            recurformer::report::probe_heatmap(&report, p, None, &png)?;
+            pngs.push(png.display().to_string());
+            let mut g = probes.group_scores(p);
+            g.sort_by(|x, y| y.2.total_cmp(&x.2).then((x.0, x.1).cmp(&(y.0, y.1))));
+            println!(
+                "top KV groups by {:<15} {}",
+                format!("{}:", p.name()),
+                show_groups(&g[..g.len().min(8)])
+            );
+        }
+        println!("wrote {}", pngs.join(", "));
+    }
     Ok(())
+}
+
+/// `L<layer>G<group>=<score>` for each entry.
+fn show_groups(g: &[(usize, usize, f64)]) -> String {
+    g.iter()
+        .map(|(l, k, s)| format!("L{l}G{k}={s:.3}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs the head probes `a` asks for on `model`; None when they are all off.
+fn run_probes(
+    a: &ProbeArgs,
+    seed: u64,
+    loaded: &recurformer::checkpoint::loader::LoadedModel,
+    haystack: &[u32],
+    haystack_files: &[PathBuf],
+) -> Result<Option<recurformer::convert::probes::ProbeReport>> {
+    use recurformer::convert::passkey::{passkey_cases, PasskeyOptions};
+    use recurformer::convert::probes::{probe_heads, RepeatSet};
+    if a.no_probes || (a.repeat_sequences == 0 && a.copy_prompts == 0) {
+        return Ok(None);
+    }
+    let model = &loaded.model;
+    let repeat = if a.repeat_sequences > 0 {
+        Some(RepeatSet::generate(
+            model.cfg.vocab_size,
+            a.repeat_sequences,
+            a.repeat_span,
+            a.repeats,
+            seed,
+        )?)
+    } else {
+        None
+    };
+    let copy = if a.copy_prompts > 0 {
+        let opts = PasskeyOptions {
+            prompts: a.copy_prompts,
+            prompt_len: a.copy_prompt_len,
+            key_digits: a.copy_key_digits,
+            seed,
+            haystack_files: haystack_files.iter().map(|f| shown_path(f)).collect(),
+        };
+        let eos = model.cfg.eos_token_ids.first().copied();
+        Some(passkey_cases(loaded.tokenizer()?, haystack, eos, &opts)?)
+    } else {
+        None
+    };
+    eprintln!(
+        "probes: {} sequences of {} random tokens x {}, {} passkey prompts of {} tokens",
+        a.repeat_sequences, a.repeat_span, a.repeats, a.copy_prompts, a.copy_prompt_len
+    );
+    let n = repeat.as_ref().map_or(0, |r| r.sequences.len())
+        + copy.as_ref().map_or(0, |c| c.cases.len());
+    let pb = progress_bar(n as u64, "probes");
+    let report = probe_heads(model, repeat.as_ref(), copy.as_ref(), &mut |i| {
+        pb.set_position(i as u64)
+    })?;
+    pb.finish_and_clear();
+    Ok(Some(report))
 }
 
 fn convert_cmd(a: ConvertArgs) -> Result<()> {

@@ -1,4 +1,5 @@
-//! `recurformer plan`: choose the KV groups to convert from a recency report and write plan.json.
+//! `recurformer plan`: choose the KV groups to convert from a recency report and write plan.json,
+//! keeping the groups with strong probe evidence of a retrieval role as attention by default.
 //!
 //! No model is loaded: the model shape comes from the report, and the plan is validated against
 //! it before it is written.
@@ -7,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use recurformer::convert::recency::RecencyReport;
 use recurformer::formats::io::shown_path;
-use recurformer::model::plan::{Plan, PlanShape};
+use recurformer::model::plan::PlanShape;
 use std::path::PathBuf;
 
 /// Options of `recurformer plan`.
@@ -40,17 +41,38 @@ pub struct PlanArgs {
     /// Also write the recency heatmap with the replaced groups framed, as PNG.
     #[arg(long, value_name = "PNG")]
     pub heatmap: Option<PathBuf>,
+    /// Keep KV groups with strong probe evidence of a retrieval role as attention; the budget is
+    /// filled from the remaining groups by recency. Comma-separated rules PROBE:T (protect a
+    /// group whose score, the max over its query heads, is >= T) or PROBE:topK (the K best groups
+    /// by that probe); probes: induction, echo, previous_token, copy_top1, copy_mass (measured by
+    /// `analyze`). `default` is `induction:0.3,echo:0.5,previous_token:0.5,copy_top1:0.3` (why:
+    /// the README, "plan", and `convert::protect::DEFAULT_PROTECT`); `none`
+    /// turns protection off and reproduces the recency-only plan exactly. When the budget cannot
+    /// be met without a protected group, fewer groups are replaced and a warning says so.
+    #[arg(long, value_name = "RULES", default_value = "default")]
+    pub protect: String,
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
+    use recurformer::convert::protect::{parse_rules, plan_protecting, Budget};
     let report = RecencyReport::load(&args.recency)?;
     let k = args.min_attention_groups_per_layer;
-    let mut plan = match (args.threshold, args.replace_fraction) {
-        (Some(tau), None) => Plan::by_threshold(&report, tau, k)?,
-        (None, Some(f)) => Plan::by_fraction(&report, f, k)?,
+    let budget = match (args.threshold, args.replace_fraction) {
+        (Some(tau), None) => Budget::Threshold(tau),
+        (None, Some(f)) => Budget::Fraction(f),
         // clap's "rule" group makes exactly one of them present.
         _ => anyhow::bail!("give exactly one of --threshold and --replace-fraction"),
     };
+    let mut rules = parse_rules(&args.protect)?;
+    if args.protect.trim() == "default" && report.probes.is_none() && !rules.is_empty() {
+        eprintln!(
+            "warning: {} has no probe scores (written before the probes, or with them off), so \
+             the plan protects no retrieval heads; rerun `recurformer analyze` to measure them",
+            args.recency.display()
+        );
+        rules.clear();
+    }
+    let mut plan = plan_protecting(&report, budget, k, &rules)?;
     plan.rule.recency_file = Some(shown_path(&args.recency));
     let shape = PlanShape::from_report(&report);
     plan.validate_shape(
@@ -72,7 +94,16 @@ pub fn run(args: PlanArgs) -> Result<()> {
         shape.head_dim,
         report.window
     );
-    println!("group scores (mean recency); M = replaced by Mamba, A = stays attention");
+    let protected: std::collections::BTreeSet<(usize, usize)> = plan
+        .rule
+        .protection
+        .iter()
+        .flat_map(|p| p.protected.iter().map(|g| (g.layer, g.group)))
+        .collect();
+    println!(
+        "group scores (mean recency); M = replaced by Mamba, A = stays attention, P = kept as \
+         attention by probe protection"
+    );
     for (lp, ls) in plan.layers.iter().zip(&report.layers) {
         let cells: Vec<String> = ls
             .groups
@@ -80,6 +111,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
             .map(|g| {
                 let tag = if lp.mamba_groups.contains(&g.group) {
                     'M'
+                } else if protected.contains(&(lp.layer, g.group)) {
+                    'P'
                 } else {
                     'A'
                 };
@@ -97,24 +130,56 @@ pub fn run(args: PlanArgs) -> Result<()> {
             .map(|l| l.mamba_heads.len())
             .sum::<usize>()
     );
+    if let Some(p) = &plan.rule.protection {
+        let rules: Vec<String> = p
+            .rules
+            .iter()
+            .map(|r| match (r.min_score, r.top_k) {
+                (Some(t), _) => format!("{} >= {t}", r.probe),
+                (_, Some(k)) => format!("{} top {k}", r.probe),
+                _ => r.probe.clone(),
+            })
+            .collect();
+        let show = |gs: &mut dyn Iterator<Item = String>| gs.collect::<Vec<_>>().join(" ");
+        println!(
+            "protected {} groups ({}): {}",
+            p.protected.len(),
+            rules.join(", "),
+            show(&mut p.protected.iter().map(|g| format!(
+                "L{}G{}[{}]",
+                g.layer,
+                g.group,
+                g.probes.join("+")
+            )))
+        );
+        println!(
+            "of which the recency-only rule would have replaced {}: {}",
+            p.kept_from_recency.len(),
+            show(&mut p.kept_from_recency.iter().map(|(l, g)| format!("L{l}G{g}")))
+        );
+    }
     if let recurformer::model::plan::Selection::ReplaceFraction {
         replace_fraction,
         requested_groups,
     } = plan.rule.selection
     {
         if plan.replaced_groups() < requested_groups {
+            // What the per-layer minimum and the protection leave replaceable.
+            let cap = shape.num_key_value_heads.saturating_sub(k);
+            let available: usize = (0..shape.num_layers)
+                .map(|l| {
+                    let free = (0..shape.num_key_value_heads)
+                        .filter(|&g| !protected.contains(&(l, g)))
+                        .count();
+                    free.min(cap)
+                })
+                .sum();
             eprintln!(
                 "warning: --replace-fraction {replace_fraction} asks for {requested_groups} groups, but \
-                 --min-attention-groups-per-layer {} leaves at most {} per layer ({} in all); \
-                 replaced {} instead",
-                plan.rule.min_attention_groups_per_layer,
-                shape
-                    .num_key_value_heads
-                    .saturating_sub(plan.rule.min_attention_groups_per_layer),
-                shape.num_layers
-                    * shape
-                        .num_key_value_heads
-                        .saturating_sub(plan.rule.min_attention_groups_per_layer),
+                 --min-attention-groups-per-layer {k} (at most {cap} per layer) and {} protected \
+                 groups leave {available} replaceable; replaced {} instead (--protect none or \
+                 stricter rules replace more)",
+                protected.len(),
                 plan.replaced_groups()
             );
         }

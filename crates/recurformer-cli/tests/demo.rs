@@ -189,20 +189,25 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
     }
 
     // A fraction the per-layer minimum cannot honour (90 % of 30 x 3 groups while every layer
-    // keeps one) is capped at 2 of 3 groups per layer, and `plan` says so.
+    // keeps one) is capped at 2 of 3 groups per layer, and `plan` says so. (Without probe
+    // protection, which would keep more groups: checked below.)
     let capped = dir.path().join("capped.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_recurformer"))
-        .args(["plan", "--recency"])
-        .arg(out.join("recency.json"))
-        .args([
-            "--replace-fraction",
-            "0.9",
-            "--min-attention-groups-per-layer",
-            "1",
-            "--out",
-        ])
-        .arg(&capped)
-        .output()?;
+    let plan_cmd = |extra: &[&str], out_file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_recurformer"))
+            .args(["plan", "--recency"])
+            .arg(out.join("recency.json"))
+            .args([
+                "--replace-fraction",
+                "0.9",
+                "--min-attention-groups-per-layer",
+                "1",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(out_file)
+            .output()
+    };
+    let o = plan_cmd(&["--protect", "none"], &capped)?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -217,5 +222,32 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
         .map(|l| l["mamba_groups"].as_array().map_or(0, Vec::len))
         .sum();
     assert_eq!(replaced, 60);
+    assert!(plan["rule"].get("protection").is_none());
+
+    // With the default probe protection, the protected groups are not replaced either, and the
+    // warning names them.
+    let protected = dir.path().join("protected.json");
+    let o = plan_cmd(&[], &protected)?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let plan = json(&protected)?;
+    let prot = plan["rule"]["protection"]["protected"]
+        .as_array()
+        .context("protected groups")?;
+    assert!(!prot.is_empty(), "{plan}");
+    for g in prot {
+        let (l, k) = (g["layer"].as_u64().unwrap(), g["group"].as_u64().unwrap());
+        let mamba = plan["layers"][l as usize]["mamba_groups"]
+            .as_array()
+            .unwrap();
+        assert!(
+            !mamba.iter().any(|x| x.as_u64() == Some(k)),
+            "L{l}G{k} replaced"
+        );
+    }
+    assert!(
+        err.contains(&format!("{} protected groups", prot.len())),
+        "{err}"
+    );
     Ok(())
 }

@@ -59,6 +59,7 @@ pub fn analyze(
         sink_tokens: SINK_TOKENS,
         calibration,
         layers,
+        probes: None,
     };
     report.validate()?;
     Ok(report)

@@ -11,7 +11,8 @@
 //! Statistics accumulate per layer as the eager forward produces each layer's probabilities, so
 //! memory stays bounded by one layer's (heads x T x T) matrix.
 
-use anyhow::{bail, Result};
+use crate::convert::probes::ProbeReport;
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +70,10 @@ pub struct RecencyReport {
     pub sink_tokens: usize,
     pub calibration: Calibration,
     pub layers: Vec<LayerStats>,
+    /// Retrieval-role probes per head and group (`convert::probes`); absent in reports written
+    /// before them or with the probes turned off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<ProbeReport>,
 }
 
 impl RecencyReport {
@@ -127,11 +132,18 @@ impl RecencyReport {
                 }
             }
         }
+        if let Some(p) = &self.probes {
+            p.validate(
+                self.num_layers,
+                self.num_attention_heads,
+                self.num_key_value_heads,
+            )
+            .context("recency report")?;
+        }
         Ok(())
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        use anyhow::Context;
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let r: RecencyReport = serde_json::from_str(&text)

@@ -33,15 +33,27 @@ impl Plan {
     /// Replaces every group whose mean recency is >= `tau`, then keeps at least `min_keep`
     /// attention groups per layer (see the module doc).
     pub fn by_threshold(report: &RecencyReport, tau: f64, min_keep: usize) -> Result<Self> {
+        Self::by_threshold_excluding(report, tau, min_keep, &[])
+    }
+
+    /// [`Plan::by_threshold`] that never replaces a group marked in `excluded` (per layer, per
+    /// group; an empty slice excludes nothing). `convert::protect` passes the protected groups.
+    pub(crate) fn by_threshold_excluding(
+        report: &RecencyReport,
+        tau: f64,
+        min_keep: usize,
+        excluded: &[Vec<bool>],
+    ) -> Result<Self> {
         if !tau.is_finite() {
             bail!("threshold {tau} is not a finite number");
         }
         let scores = group_score_table(report)?;
         let chosen: Vec<Vec<usize>> = scores
             .iter()
-            .map(|layer| {
+            .enumerate()
+            .map(|(l, layer)| {
                 (0..layer.len())
-                    .filter(|&g| layer[g] >= tau)
+                    .filter(|&g| layer[g] >= tau && !is_excluded(excluded, l, g))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -65,6 +77,18 @@ impl Plan {
     /// (layer, group) ascending, so the lower layer, then the lower group index, is replaced first.
     /// `f` must lie in [0, 1].
     pub fn by_fraction(report: &RecencyReport, f: f64, min_keep: usize) -> Result<Self> {
+        Self::by_fraction_excluding(report, f, min_keep, &[])
+    }
+
+    /// [`Plan::by_fraction`] that skips the groups marked in `excluded` as it walks the ranking,
+    /// like a group whose layer is at its limit: the budget is filled from the next-ranked groups,
+    /// and fewer than `n` are replaced only when too few groups remain.
+    pub(crate) fn by_fraction_excluding(
+        report: &RecencyReport,
+        f: f64,
+        min_keep: usize,
+        excluded: &[Vec<bool>],
+    ) -> Result<Self> {
         if !(0.0..=1.0).contains(&f) {
             bail!("replace fraction {f} is outside [0, 1]");
         }
@@ -88,7 +112,7 @@ impl Plan {
             if taken == n {
                 break;
             }
-            if chosen[l].len() < max_replaced {
+            if chosen[l].len() < max_replaced && !is_excluded(excluded, l, g) {
                 chosen[l].push(g);
                 taken += 1;
             }
@@ -131,6 +155,7 @@ impl Plan {
             window: Some(report.window),
             recency_file: None,
             recency_model: Some(report.model.clone()),
+            protection: None,
         };
         let plan = Self::from_mamba_sets(shape, rule, &chosen);
         plan.validate_shape(
@@ -140,6 +165,14 @@ impl Plan {
         )?;
         Ok(plan)
     }
+}
+
+fn is_excluded(excluded: &[Vec<bool>], layer: usize, group: usize) -> bool {
+    excluded
+        .get(layer)
+        .and_then(|l| l.get(group))
+        .copied()
+        .unwrap_or(false)
 }
 
 /// Per layer, per group mean recency, checked finite and in group order.
@@ -217,6 +250,7 @@ mod tests {
             sink_tokens: 4,
             calibration: Calibration::default(),
             layers,
+            probes: None,
         }
     }
 

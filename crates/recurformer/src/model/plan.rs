@@ -111,6 +111,42 @@ pub struct PlanRule {
     pub recency_file: Option<String>,
     /// The `model` string of that recency file.
     pub recency_model: Option<String>,
+    /// Groups kept as attention on probe evidence (`convert::protect`); absent when no protection
+    /// ran (plans written before it, or `plan --protect none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Protection>,
+}
+
+/// One protection rule: a KV group is kept as attention when its `probe` score (the max over its
+/// query heads) is at least `min_score`, or when it is among the `top_k` groups by that score.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProtectRule {
+    /// A probe name of `convert::probes` (induction, echo, previous_token, copy_top1, copy_mass).
+    pub probe: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+}
+
+/// A group kept as attention by the protection rules.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProtectedGroup {
+    pub layer: usize,
+    pub group: usize,
+    /// The probes whose rules picked it.
+    pub probes: Vec<String>,
+}
+
+/// What protection did to a plan.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Protection {
+    /// A group is protected when any rule picks it.
+    pub rules: Vec<ProtectRule>,
+    /// Every protected group (whether or not the recency rule wanted it), layer-major order.
+    pub protected: Vec<ProtectedGroup>,
+    /// Protected groups that the same rule without protection would have replaced.
+    pub kept_from_recency: Vec<(usize, usize)>,
 }
 
 /// One layer's split. All four lists are sorted ascending.
@@ -212,6 +248,7 @@ impl Plan {
             window: None,
             recency_file: None,
             recency_model: None,
+            protection: None,
         };
         Self::from_mamba_sets(shape, rule, &vec![Vec::new(); shape.num_layers])
     }
@@ -232,6 +269,7 @@ impl Plan {
             window: None,
             recency_file: None,
             recency_model: None,
+            protection: None,
         };
         let plan = Self::from_mamba_sets(shape, rule, mamba);
         plan.validate(cfg)?;
@@ -386,6 +424,23 @@ impl Plan {
                 bail!("plan rule: replace fraction {f} is outside [0, 1]")
             }
             _ => {}
+        }
+        if let Some(p) = &self.rule.protection {
+            for g in &p.protected {
+                let kept = self
+                    .layers
+                    .get(g.layer)
+                    .is_some_and(|l| l.attention_groups.contains(&g.group));
+                if !kept {
+                    bail!(
+                        "plan rule protects layer {} group {} ({}), but the plan does not keep it \
+                         as attention",
+                        g.layer,
+                        g.group,
+                        g.probes.join(", ")
+                    );
+                }
+            }
         }
         let min_keep = self.rule.min_attention_groups_per_layer;
         for (i, lp) in self.layers.iter().enumerate() {

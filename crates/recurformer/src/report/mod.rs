@@ -1,5 +1,5 @@
 //! Figures of the reports (DESIGN.md, the `eval` arrow: "report ... + plots"): recency heatmaps and
-//! distributions, the needle accuracy grid, line charts and the training loss curve, all PNG.
+//! distributions, head-probe heatmaps, the needle accuracy grid, line charts and the training loss curve, all PNG.
 //!
 //! Rendering: `plotters`' bitmap backend draws into an RGB buffer, the `png` crate encodes it, and
 //! [`crate::formats::io::write_atomic`] writes it, so a figure is never left half-written. Text goes
@@ -9,6 +9,7 @@
 
 pub mod chart;
 pub mod loss;
+pub mod probes;
 pub mod recency;
 pub mod render;
 pub mod tasks;
@@ -17,6 +18,7 @@ mod tests;
 
 pub use chart::{line_chart, LineChart, Series, LINE_CHART_SIZE};
 pub use loss::{loss_plot_size, plot_losses};
+pub use probes::{probe_heatmap, probe_heatmap_size};
 pub use recency::{
     distribution_size, heatmap_size, recency_distribution, recency_heatmap,
     recency_heatmap_with_plan,

@@ -20,9 +20,9 @@ struct HeatmapLayout {
 }
 
 impl HeatmapLayout {
-    fn new(report: &RecencyReport) -> Self {
-        let nh = report.num_attention_heads.max(1) as u32;
-        let nl = report.num_layers.max(1) as u32;
+    fn new(nh: usize, nl: usize) -> Self {
+        let nh = nh.max(1) as u32;
+        let nl = nl.max(1) as u32;
         HeatmapLayout {
             cell_w: (720 / nh).clamp(10, 64),
             cell_h: (720 / nl).clamp(8, 28),
@@ -33,9 +33,8 @@ impl HeatmapLayout {
         }
     }
 
-    fn size(&self, report: &RecencyReport) -> (u32, u32) {
-        let nh = report.num_attention_heads as u32;
-        let nl = report.num_layers as u32;
+    fn size(&self, nh: usize, nl: usize) -> (u32, u32) {
+        let (nh, nl) = (nh as u32, nl as u32);
         (
             (self.left + 8 + nh * self.cell_w + 20 + self.bar).max(560),
             self.top + nl * self.cell_h + self.bottom,
@@ -43,9 +42,46 @@ impl HeatmapLayout {
     }
 }
 
+/// What a layers x query-heads heatmap shows: one value in [0, 1] per (layer, head).
+pub(crate) struct HeadGrid<'a> {
+    pub title: String,
+    /// The model name; the plan's legend is appended to it.
+    pub model: &'a str,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// values[layer][head].
+    pub values: Vec<Vec<f64>>,
+    /// The colour bar's caption.
+    pub bar_label: &'a str,
+}
+
+impl HeadGrid<'_> {
+    pub(crate) fn size(&self) -> (u32, u32) {
+        HeatmapLayout::new(self.num_attention_heads, self.num_layers)
+            .size(self.num_attention_heads, self.num_layers)
+    }
+}
+
 /// Pixel size of the PNG [`recency_heatmap`] writes for `report`.
 pub fn heatmap_size(report: &RecencyReport) -> (u32, u32) {
-    HeatmapLayout::new(report).size(report)
+    recency_grid(report).size()
+}
+
+fn recency_grid(report: &RecencyReport) -> HeadGrid<'_> {
+    HeadGrid {
+        title: format!("Recency score R(l,h), window w = {}", report.window),
+        model: &report.model,
+        num_layers: report.num_layers,
+        num_attention_heads: report.num_attention_heads,
+        num_key_value_heads: report.num_key_value_heads,
+        values: report
+            .layers
+            .iter()
+            .map(|l| l.heads.iter().map(|h| h.recency).collect())
+            .collect(),
+        bar_label: "recency",
+    }
 }
 
 /// Pixel size of the PNG [`recency_distribution`] writes for `report`.
@@ -68,7 +104,8 @@ fn check_report(report: &RecencyReport) -> Result<()> {
 /// colour bar, KV group boundaries as thick white separators, the score printed in each cell when
 /// it fits. Written atomically to `path` as PNG of [`heatmap_size`].
 pub fn recency_heatmap(report: &RecencyReport, path: &Path) -> Result<()> {
-    heatmap(report, None, path)
+    check_report(report)?;
+    heatmap(&recency_grid(report), None, path)
 }
 
 /// [`recency_heatmap`] with the groups that `plan` replaces framed in red.
@@ -86,29 +123,36 @@ pub fn recency_heatmap_with_plan(report: &RecencyReport, plan: &Plan, path: &Pat
         report.num_attention_heads,
         report.num_key_value_heads,
     )?;
-    heatmap(report, Some(plan), path)
+    heatmap(&recency_grid(report), Some(plan), path)
 }
 
-fn heatmap(report: &RecencyReport, plan: Option<&Plan>, path: &Path) -> Result<()> {
-    check_report(report)?;
-    let lay = HeatmapLayout::new(report);
-    let size = lay.size(report);
-    let (nh, nl) = (report.num_attention_heads, report.num_layers);
-    let gs = nh / report.num_key_value_heads;
+/// Draws `grid` (optionally with `plan`'s replaced groups framed in red) to `path` as PNG of
+/// `grid.size()`. The caller has checked the grid's shape (and the plan's against it).
+pub(crate) fn heatmap(grid: &HeadGrid, plan: Option<&Plan>, path: &Path) -> Result<()> {
+    let (nh, nl, n_kv) = (
+        grid.num_attention_heads,
+        grid.num_layers,
+        grid.num_key_value_heads,
+    );
+    if nl == 0 || n_kv == 0 || nh % n_kv != 0 || grid.values.len() != nl {
+        bail!(
+            "heatmap of {nl} layers, {nh} heads over {n_kv} groups with {} rows of values",
+            grid.values.len()
+        );
+    }
+    let lay = HeatmapLayout::new(nh, nl);
+    let size = lay.size(nh, nl);
+    let gs = nh / n_kv;
     render_png(path, size, |root| {
         let (main, bar) = root.split_horizontally(size.0 - lay.bar);
-        root.draw_text(
-            &format!("Recency score R(l,h), window w = {}", report.window),
-            &(FONT, 17).into_text_style(root),
-            (10, 8),
-        )
-        .map_err(draw_err)?;
-        let mut subtitle = report.model.clone();
+        root.draw_text(&grid.title, &(FONT, 17).into_text_style(root), (10, 8))
+            .map_err(draw_err)?;
+        let mut subtitle = grid.model.to_string();
         if let Some(p) = plan {
             subtitle.push_str(&format!(
                 "; red frames: {} of {} KV groups replaced by Mamba",
                 p.replaced_groups(),
-                nl * report.num_key_value_heads
+                nl * n_kv
             ));
         }
         root.draw_text(
@@ -153,20 +197,17 @@ fn heatmap(report: &RecencyReport, plan: Option<&Plan>, path: &Path) -> Result<(
             .y_label_offset(lay.cell_h as i32 / 2)
             .x_label_formatter(&x_fmt)
             .y_label_formatter(&y_fmt)
-            .x_desc(format!(
-                "query head ({} KV groups of {gs} heads)",
-                report.num_key_value_heads
-            ))
+            .x_desc(format!("query head ({n_kv} KV groups of {gs} heads)"))
             .y_desc("layer")
             .label_style((FONT, 13))
             .axis_desc_style((FONT, 15))
             .draw()
             .map_err(draw_err)?;
 
-        let cells = report.layers.iter().flat_map(|l| {
-            l.heads
-                .iter()
-                .map(move |h| (l.layer as i32, h.head as i32, h.recency))
+        let cells = grid.values.iter().enumerate().flat_map(|(l, hs)| {
+            hs.iter()
+                .enumerate()
+                .map(move |(h, &v)| (l as i32, h as i32, v))
         });
         chart
             .draw_series(
@@ -190,7 +231,7 @@ fn heatmap(report: &RecencyReport, plan: Option<&Plan>, path: &Path) -> Result<(
         }
         // KV group boundaries.
         chart
-            .draw_series((1..report.num_key_value_heads).map(|g| {
+            .draw_series((1..n_kv).map(|g| {
                 let x = (g * gs) as i32;
                 PathElement::new(vec![(x, 0), (x, nl_i)], WHITE.stroke_width(3))
             }))
@@ -232,7 +273,7 @@ fn heatmap(report: &RecencyReport, plan: Option<&Plan>, path: &Path) -> Result<(
         }))
         .map_err(draw_err)?;
         bar.draw_text(
-            "recency",
+            grid.bar_label,
             &(FONT, 14).into_text_style(&bar),
             (10, lay.top as i32 - 20),
         )

@@ -37,6 +37,7 @@ fn synthetic_shape(nl: usize, nh: usize, n_kv: usize) -> RecencyReport {
         sink_tokens: 4,
         calibration: Calibration::default(),
         layers,
+        probes: None,
     }
 }
 

@@ -1,0 +1,137 @@
+//! Synthetic passkey prompts for the copy probe (`convert::probes`), teacher forced.
+//!
+//! The format follows the passkey task of Mohtashami & Jaggi 2023 ("Landmark Attention",
+//! arXiv:2305.16300): a key of `key_digits` digits stated once in filler text, asked for at the
+//! end. It deliberately differs from the evaluation's needle task (`eval::tasks`: Paul Graham
+//! essays, "The special magic number is ..." with 7-digit values), so that choosing heads on these
+//! prompts does not tune the plan to the evaluation's template: the haystack is prose from the
+//! calibration files (by default Austen without Persuasion, which is held out), the wording is
+//! below, the keys have 5 digits by default.
+//!
+//! Prompts are assembled from separately tokenised pieces, so the key's tokens in the needle and
+//! in the answer are the same ids and the source of answer token j is exactly the needle's key
+//! token j.
+
+use crate::convert::probes::{CopyCase, CopySet, CopySettings};
+use crate::formats::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+
+/// Opens the prompt (encoded with the tokenizer's special tokens, BOS where it asks for one).
+pub const PASSKEY_INTRO: &str =
+    "Read the passage below. Somewhere in it is a pass key; you will be asked for it.\n\n";
+/// The needle, `{key}` standing for the key. Inserted after a sentence end of the haystack.
+pub const PASSKEY_NEEDLE: &str = " The pass key is {key}. Remember it.";
+/// Closes the prompt; the answer (the key's tokens) follows it directly.
+pub const PASSKEY_QUESTION: &str = "\n\nWhat is the pass key? The pass key is ";
+
+/// Options of [`passkey_cases`].
+#[derive(Debug, Clone)]
+pub struct PasskeyOptions {
+    pub prompts: usize,
+    /// Prompt tokens before the answer (exact).
+    pub prompt_len: usize,
+    pub key_digits: usize,
+    pub seed: u64,
+    /// Names of the haystack files (recorded in the report).
+    pub haystack_files: Vec<String>,
+}
+
+/// `prompts` passkey prompts of exactly `prompt_len` tokens plus the answer, cut from
+/// `haystack` (a token stream of prose; windows holding `eos` are redrawn). The needle goes after
+/// the first sentence end at or past a depth drawn uniformly from [0.1, 0.9] of the filler.
+pub fn passkey_cases(
+    tok: &Tokenizer,
+    haystack: &[u32],
+    eos: Option<u32>,
+    o: &PasskeyOptions,
+) -> Result<CopySet> {
+    if o.prompts == 0 || !(1..=12).contains(&o.key_digits) {
+        bail!(
+            "passkey prompts: need >= 1 prompt and 1..=12 key digits (got {} prompts, {} digits)",
+            o.prompts,
+            o.key_digits
+        );
+    }
+    let (before, after) = PASSKEY_NEEDLE
+        .split_once("{key}")
+        .expect("the needle names {key}");
+    let intro = tok.encode(PASSKEY_INTRO, true)?;
+    let (nb, na) = (tok.encode(before, false)?, tok.encode(after, false)?);
+    let question = tok.encode(PASSKEY_QUESTION, false)?;
+    let ends: Vec<u32> = [".", "!", "?"]
+        .iter()
+        .filter_map(|s| tok.encode(s, false).ok())
+        .filter(|v| v.len() == 1)
+        .map(|v| v[0])
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
+    let mut cases = Vec::with_capacity(o.prompts);
+    for n in 0..o.prompts {
+        let key: String = (0..o.key_digits)
+            .map(|i| {
+                let d = if i == 0 {
+                    rng.random_range(1..10)
+                } else {
+                    rng.random_range(0..10)
+                };
+                char::from(b'0' + d as u8)
+            })
+            .collect();
+        let key_ids = tok.encode(&key, false)?;
+        let fixed = intro.len() + nb.len() + key_ids.len() + na.len() + question.len();
+        if o.prompt_len < fixed + 16 || haystack.len() < o.prompt_len {
+            bail!(
+                "passkey prompt {n}: {} tokens leave fewer than 16 for the filler after the \
+                 {fixed} of the wording and key (or the haystack has only {} tokens)",
+                o.prompt_len,
+                haystack.len()
+            );
+        }
+        let body_len = o.prompt_len - fixed;
+        let mut start = rng.random_range(0..=haystack.len() - body_len);
+        for _ in 0..100 {
+            if eos.is_none_or(|e| !haystack[start..start + body_len].contains(&e)) {
+                break;
+            }
+            start = rng.random_range(0..=haystack.len() - body_len);
+        }
+        let body = &haystack[start..start + body_len];
+        let depth: f64 = rng.random_range(0.1..0.9);
+        let at = (depth * body_len as f64).round() as usize;
+        // After the next sentence end within 64 tokens, else at the depth itself.
+        let cut = (at..body_len.min(at + 64))
+            .find(|&i| ends.contains(&body[i]))
+            .map_or(at, |i| i + 1);
+        let mut ids = intro.clone();
+        ids.extend_from_slice(&body[..cut]);
+        ids.extend_from_slice(&nb);
+        let key_at = ids.len();
+        ids.extend_from_slice(&key_ids);
+        ids.extend_from_slice(&na);
+        ids.extend_from_slice(&body[cut..]);
+        ids.extend_from_slice(&question);
+        let answer_start = ids.len();
+        debug_assert_eq!(answer_start, o.prompt_len);
+        ids.extend_from_slice(&key_ids);
+        cases.push(CopyCase {
+            ids,
+            answer_start,
+            sources: (key_at..key_at + key_ids.len()).collect(),
+        });
+    }
+    Ok(CopySet {
+        settings: CopySettings {
+            prompts: o.prompts,
+            prompt_len: o.prompt_len,
+            key_digits: o.key_digits,
+            seed: o.seed,
+            haystack: o.haystack_files.clone(),
+            needle: PASSKEY_NEEDLE.trim().to_string(),
+            answer_tokens: 0,
+            model_token_accuracy: 0.0,
+            model_exact: 0,
+        },
+        cases,
+    })
+}
