@@ -132,8 +132,7 @@ impl RecencyReport {
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
         use anyhow::Context;
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::formats::io::read_text(path, crate::formats::io::JSON_FILE_LIMIT)?;
         let r: RecencyReport = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid recency report", path.display()))?;
         r.validate()

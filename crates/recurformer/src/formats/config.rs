@@ -121,8 +121,7 @@ impl ModelConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::formats::io::read_text(path, crate::formats::io::JSON_FILE_LIMIT)?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_hf_json(&v).with_context(|| format!("in {}", path.display()))

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod gguf;
+pub mod mutate;
 pub mod train;
 
 use anyhow::{Context, Result};
