@@ -6,7 +6,7 @@ mod common;
 use anyhow::Result;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::gguf::*;
 use common::*;
 use recurformer::formats::gguf::{permute_rows, GgufFile};
@@ -145,5 +145,91 @@ fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
             .expect("mamba arch must fail")
     );
     assert!(e.contains("mamba") && e.contains("not supported"), "{e}");
+    Ok(())
+}
+
+/// Patches the first tensor entry of a GGUF written by `write_gguf` (one metadata string, one F32
+/// tensor named `w`): returns the byte offset of its dimension list.
+fn first_dims_at(bytes: &[u8]) -> usize {
+    let pos = bytes
+        .windows(9)
+        .position(|w| w == b"\x01\0\0\0\0\0\0\0w")
+        .expect("tensor name `w` with its length");
+    pos + 9 + 4 // past the name and the dimension count
+}
+
+/// Found by `tests/mutation.rs` (gguf seed 1000589): dimensions whose product overflows wrapped to
+/// a small element count in candle's reader, passed its size check, and panicked when the tensor
+/// was reshaped. Now refused with the tensor named.
+#[test]
+fn regression_tensor_dimensions_that_overflow_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("dims.gguf");
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?,
+        GgmlDType::F32,
+    )?;
+    write_gguf(
+        &p,
+        &[("general.architecture", Value::String("llama".into()))],
+        &[("w".to_string(), t)],
+    )?;
+    let mut bytes = std::fs::read(&p)?;
+    let at = first_dims_at(&bytes);
+    // ne = [8, 2^62 + 4]: the product wraps to 32 elements in 64 bits.
+    bytes[at + 8..at + 16].copy_from_slice(&((1u64 << 62) + 4).to_le_bytes());
+    std::fs::write(&p, &bytes)?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("must be refused"));
+    assert!(
+        e.contains("dims.gguf") && e.contains("tensor w") && e.contains("overflows"),
+        "{e}"
+    );
+    Ok(())
+}
+
+/// candle's reader divides by `general.alignment` and panics on 0; a tensor whose bytes reach past
+/// the end of the file, or overlap another, is refused before anything is read.
+#[test]
+fn regression_alignment_zero_and_tensors_outside_the_file_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let t = || {
+        QTensor::quantize(
+            &Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+    };
+    let arch = ("general.architecture", Value::String("llama".into()));
+    let p = dir.path().join("align.gguf");
+    write_gguf(
+        &p,
+        &[arch.clone(), ("general.alignment", Value::U32(0))],
+        &[("w".into(), t()?)],
+    )?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("alignment 0"));
+    assert!(e.contains("general.alignment is 0"), "{e}");
+
+    let p = dir.path().join("far.gguf");
+    write_gguf(&p, &[arch.clone()], &[("w".into(), t()?)])?;
+    let mut bytes = std::fs::read(&p)?;
+    let at = first_dims_at(&bytes);
+    // ne = [8, 4000]: 128000 bytes of f32 in a file of a few hundred.
+    bytes[at + 8..at + 16].copy_from_slice(&4000u64.to_le_bytes());
+    std::fs::write(&p, &bytes)?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("past the end"));
+    assert!(e.contains("tensor w") && e.contains("128000 bytes"), "{e}");
+
+    let p = dir.path().join("overlap.gguf");
+    write_gguf(&p, &[arch], &[("w".into(), t()?), ("x".into(), t()?)])?;
+    let mut bytes = std::fs::read(&p)?;
+    // x's offset (the last 8 bytes of its entry) set to w's, 0.
+    let x = bytes
+        .windows(9)
+        .position(|w| w == b"\x01\0\0\0\0\0\0\0x")
+        .unwrap();
+    let off = x + 9 + 4 + 16 + 4;
+    bytes[off..off + 8].copy_from_slice(&0u64.to_le_bytes());
+    std::fs::write(&p, &bytes)?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("overlap"));
+    assert!(e.contains("overlaps"), "{e}");
     Ok(())
 }
