@@ -519,7 +519,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             case_time: Duration::from_secs(5),
-            case_alloc: 256 << 20,
+            case_alloc: 64 << 20,
             hang: Duration::from_secs(60),
         }
     }
