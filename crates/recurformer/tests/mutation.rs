@@ -24,12 +24,53 @@ use std::path::{Path, PathBuf};
 #[global_allocator]
 static ALLOC: mutate::CountingAlloc = mutate::CountingAlloc;
 
-/// A directory that lives as long as the test process (the driver's worker owns the closures).
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rf-mutation-{}-{name}", std::process::id()));
+/// A scratch directory, removed when the test ends (the driver's closures hold copies of its
+/// path). In memory where Linux offers it: each case rewrites a file, and on a busy disk the writes,
+/// not the readers, would set the run time.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let shm = Path::new("/dev/shm");
+    let root = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let d = root.join(format!("rf-mutation-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
+}
+
+/// Sets every number under a key ending in `_s` (wall times, rates) to 1, so that a file written
+/// by a training run is the same on every run and a seed replays the same bytes.
+fn pin_timings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if k.ends_with("_s") && x.is_number() {
+                    *x = 1.0.into();
+                } else {
+                    pin_timings(x);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(pin_timings),
+        _ => {}
+    }
 }
 
 /// GPT-2's byte-to-character map (printable bytes as themselves, the rest shifted past 255), as
@@ -201,7 +242,7 @@ fn safetensors_single() -> Result<()> {
     let dir = scratch("st");
     copy_dir(&fixture("tiny-llama"), &dir);
     let bytes = std::fs::read(dir.join("model.safetensors"))?;
-    let d = dir.clone();
+    let d = dir.to_path_buf();
     mutate::run(
         "safetensors",
         2_000_000,
@@ -227,7 +268,7 @@ fn safetensors_sharded() -> Result<()> {
             (f, b)
         })
         .collect();
-    let d = dir.clone();
+    let d = dir.to_path_buf();
     let originals = shards.clone();
     let idx = index.clone();
     mutate::run(
@@ -455,6 +496,18 @@ fn train_state() -> Result<()> {
         },
         &|st, step| st == Stage::Distill && step == 3,
     )?;
+    let sp = out.join("train_state.json");
+    let mut st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sp)?)?;
+    pin_timings(&mut st);
+    std::fs::write(&sp, serde_json::to_string_pretty(&st)?)?;
+    let lp = out.join("train_log.jsonl");
+    let mut log = String::new();
+    for l in std::fs::read_to_string(&lp)?.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(l)?;
+        pin_timings(&mut v);
+        log += &format!("{v}\n");
+    }
+    std::fs::write(&lp, log)?;
     read_resume_point(&out)?;
     let files: Vec<(&'static str, Vec<u8>)> = [
         "train_state.json",
