@@ -22,7 +22,7 @@ use recurformer::model::plan::Plan;
 use std::path::{Path, PathBuf};
 
 #[global_allocator]
-static ALLOC: mutate::CountingAlloc = mutate::CountingAlloc;
+static ALLOC: common::counting_alloc::CountingAlloc = common::counting_alloc::CountingAlloc;
 
 /// A scratch directory, removed when the test ends (the driver's closures hold copies of its
 /// path). In memory where Linux offers it: each case rewrites a file, and on a busy disk the writes,
