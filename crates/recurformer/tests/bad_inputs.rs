@@ -144,3 +144,47 @@ fn broken_files_and_configs() -> Result<()> {
     assert!(e.contains(&shard) && e.contains("does not exist"), "{e}");
     Ok(())
 }
+
+/// Found by `tests/mutation.rs` (tokenizer seed 5000228): tokenizers 0.23 panicked (`expect`) on
+/// a decoder object that is not valid JSON. Now an error naming the file; a shard index cannot
+/// point outside the checkpoint directory; an oversized JSON side file is refused unread.
+#[test]
+fn regression_damaged_tokenizer_json_and_hostile_index_are_errors() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let d = tmp.path();
+    std::fs::write(
+        d.join("tokenizer.json"),
+        r#"{"version":"1.0","decoder":{"type":"ByteLevel","add_prefix_space":false "trim_offsets":true},"model":{}}"#,
+    )?;
+    let e = match recurformer::formats::tokenizer::Tokenizer::from_hf_dir(d) {
+        Ok(_) => panic!("a damaged tokenizer.json loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not valid JSON"),
+        "{e}"
+    );
+
+    let s = copy_fixture("tiny-qwen2", &d.join("escape"))?;
+    let ip = s.join("model.safetensors.index.json");
+    let mut idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ip)?)?;
+    idx["weight_map"]["model.norm.weight"] = "../../../etc/passwd".into();
+    std::fs::write(&ip, idx.to_string())?;
+    let e = load_err(&s);
+    assert!(
+        e.contains("etc/passwd") && e.contains("not a file name"),
+        "{e}"
+    );
+
+    let big = copy_fixture("tiny-llama", &d.join("big"))?;
+    let f = std::fs::File::options()
+        .append(true)
+        .open(big.join("config.json"))?;
+    f.set_len(65 << 20)?;
+    let e = load_err(&big);
+    assert!(
+        e.contains("config.json") && e.contains("68157440 bytes"),
+        "{e}"
+    );
+    Ok(())
+}

@@ -4,21 +4,12 @@
 
 mod common;
 use anyhow::Result;
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use common::gguf::*;
 use common::*;
-use recurformer::formats::config::ModelConfig;
 use recurformer::formats::gguf::{permute_rows, GgufFile};
-use std::path::Path;
-
-fn write_gguf(path: &Path, meta: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
-    let mut f = std::fs::File::create(path)?;
-    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut f, &m, &t)?;
-    Ok(())
-}
 
 #[test]
 fn every_supported_type_dequantises_within_its_precision() -> Result<()> {
@@ -74,89 +65,6 @@ fn every_supported_type_dequantises_within_its_precision() -> Result<()> {
         "{e}"
     );
     Ok(())
-}
-
-/// Writes the tiny Llama fixture as llama.cpp would: GGUF names, permuted W_q / W_k, metadata.
-fn tiny_llama_as_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
-    let cfg = ModelConfig::from_hf_file(&fixture("tiny-llama").join("config.json"))?;
-    let hf = candle_core::safetensors::load(
-        fixture("tiny-llama").join("model.safetensors"),
-        &Device::Cpu,
-    )?;
-    let mut tensors = vec![];
-    let mut names: Vec<&String> = hf.keys().collect();
-    names.sort();
-    for name in names {
-        let t = hf[name].to_dtype(candle_core::DType::F32)?;
-        let gname = match name.as_str() {
-            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
-            "model.norm.weight" => "output_norm.weight".to_string(),
-            "lm_head.weight" => "output.weight".to_string(),
-            n => {
-                let rest = n.strip_prefix("model.layers.").unwrap();
-                let (l, m) = rest.split_once('.').unwrap();
-                let g = match m {
-                    "input_layernorm.weight" => "attn_norm.weight",
-                    "post_attention_layernorm.weight" => "ffn_norm.weight",
-                    "self_attn.q_proj.weight" => "attn_q.weight",
-                    "self_attn.k_proj.weight" => "attn_k.weight",
-                    "self_attn.v_proj.weight" => "attn_v.weight",
-                    "self_attn.o_proj.weight" => "attn_output.weight",
-                    "mlp.gate_proj.weight" => "ffn_gate.weight",
-                    "mlp.up_proj.weight" => "ffn_up.weight",
-                    "mlp.down_proj.weight" => "ffn_down.weight",
-                    other => panic!("unexpected tensor {other}"),
-                };
-                format!("blk.{l}.{g}")
-            }
-        };
-        let t = if gname.ends_with("attn_q.weight") {
-            permute_rows(&t, cfg.num_attention_heads)?
-        } else if gname.ends_with("attn_k.weight") {
-            permute_rows(&t, cfg.num_key_value_heads)?
-        } else {
-            t
-        };
-        // llama.cpp keeps 1-D tensors (norms) in f32.
-        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
-        tensors.push((gname, QTensor::quantize(&t, d)?));
-    }
-    let factor = match cfg.rope_scaling {
-        Some(recurformer::formats::config::RopeScaling::Linear { factor }) => factor,
-        _ => panic!("tiny-llama is expected to use linear rope scaling"),
-    };
-    let meta = vec![
-        ("general.architecture", Value::String("llama".into())),
-        (
-            "llama.block_count",
-            Value::U32(cfg.num_hidden_layers as u32),
-        ),
-        ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
-        (
-            "llama.feed_forward_length",
-            Value::U32(cfg.intermediate_size as u32),
-        ),
-        (
-            "llama.attention.head_count",
-            Value::U32(cfg.num_attention_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv",
-            Value::U32(cfg.num_key_value_heads as u32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon",
-            Value::F32(cfg.rms_norm_eps as f32),
-        ),
-        ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
-        (
-            "llama.context_length",
-            Value::U32(cfg.max_position_embeddings as u32),
-        ),
-        ("llama.rope.scaling.type", Value::String("linear".into())),
-        ("llama.rope.scaling.factor", Value::F32(factor as f32)),
-    ];
-    write_gguf(path, &meta, &tensors)
 }
 
 #[test]
@@ -237,5 +145,91 @@ fn damaged_gguf_files_are_refused_with_the_culprit_named() -> Result<()> {
             .expect("mamba arch must fail")
     );
     assert!(e.contains("mamba") && e.contains("not supported"), "{e}");
+    Ok(())
+}
+
+/// Patches the first tensor entry of a GGUF written by `write_gguf` (one metadata string, one F32
+/// tensor named `w`): returns the byte offset of its dimension list.
+fn first_dims_at(bytes: &[u8]) -> usize {
+    let pos = bytes
+        .windows(9)
+        .position(|w| w == b"\x01\0\0\0\0\0\0\0w")
+        .expect("tensor name `w` with its length");
+    pos + 9 + 4 // past the name and the dimension count
+}
+
+/// Found by `tests/mutation.rs` (gguf seed 1000589): dimensions whose product overflows wrapped to
+/// a small element count in candle's reader, passed its size check, and panicked when the tensor
+/// was reshaped. Now refused with the tensor named.
+#[test]
+fn regression_tensor_dimensions_that_overflow_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("dims.gguf");
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?,
+        GgmlDType::F32,
+    )?;
+    write_gguf(
+        &p,
+        &[("general.architecture", Value::String("llama".into()))],
+        &[("w".to_string(), t)],
+    )?;
+    let mut bytes = std::fs::read(&p)?;
+    let at = first_dims_at(&bytes);
+    // ne = [8, 2^62 + 4]: the product wraps to 32 elements in 64 bits.
+    bytes[at + 8..at + 16].copy_from_slice(&((1u64 << 62) + 4).to_le_bytes());
+    std::fs::write(&p, &bytes)?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("must be refused"));
+    assert!(
+        e.contains("dims.gguf") && e.contains("tensor w") && e.contains("overflows"),
+        "{e}"
+    );
+    Ok(())
+}
+
+/// candle's reader divides by `general.alignment` and panics on 0; a tensor whose bytes reach past
+/// the end of the file, or overlap another, is refused before anything is read.
+#[test]
+fn regression_alignment_zero_and_tensors_outside_the_file_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let t = || {
+        QTensor::quantize(
+            &Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+    };
+    let arch = ("general.architecture", Value::String("llama".into()));
+    let p = dir.path().join("align.gguf");
+    write_gguf(
+        &p,
+        &[arch.clone(), ("general.alignment", Value::U32(0))],
+        &[("w".into(), t()?)],
+    )?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("alignment 0"));
+    assert!(e.contains("general.alignment is 0"), "{e}");
+
+    let p = dir.path().join("far.gguf");
+    write_gguf(&p, &[arch.clone()], &[("w".into(), t()?)])?;
+    let mut bytes = std::fs::read(&p)?;
+    let at = first_dims_at(&bytes);
+    // ne = [8, 4000]: 128000 bytes of f32 in a file of a few hundred.
+    bytes[at + 8..at + 16].copy_from_slice(&4000u64.to_le_bytes());
+    std::fs::write(&p, &bytes)?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("past the end"));
+    assert!(e.contains("tensor w") && e.contains("128000 bytes"), "{e}");
+
+    let p = dir.path().join("overlap.gguf");
+    write_gguf(&p, &[arch], &[("w".into(), t()?), ("x".into(), t()?)])?;
+    let mut bytes = std::fs::read(&p)?;
+    // x's offset (the last 8 bytes of its entry) set to w's, 0.
+    let x = bytes
+        .windows(9)
+        .position(|w| w == b"\x01\0\0\0\0\0\0\0x")
+        .unwrap();
+    let off = x + 9 + 4 + 16 + 4;
+    bytes[off..off + 8].copy_from_slice(&0u64.to_le_bytes());
+    std::fs::write(&p, &bytes)?;
+    let e = format!("{:#}", GgufFile::open(&p).err().expect("overlap"));
+    assert!(e.contains("overlaps"), "{e}");
     Ok(())
 }

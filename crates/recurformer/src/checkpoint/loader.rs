@@ -64,7 +64,8 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             bail!("{} is a directory without config.json", path.display());
         }
         let cfg = ModelConfig::from_hf_file(&cfg_path)?;
-        let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
+        let text = crate::formats::io::read_text(&cfg_path, crate::formats::io::JSON_FILE_LIMIT)?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
         let section = RecurformerSection::from_config_json(&raw)
             .with_context(|| format!("in {}", cfg_path.display()))?;

@@ -7,13 +7,13 @@
 //! `checkpoint::loader` reads it back.
 
 use crate::formats::config::ModelConfig;
+use crate::formats::io;
 use crate::formats::tokenizer::Tokenizer;
 use crate::model::hybrid::RecurformerSection;
 use crate::model::layers::Linear;
 use crate::model::llama::Model;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Every tensor of the model under its checkpoint name.
@@ -77,48 +77,98 @@ pub fn config_json(
     Ok(v)
 }
 
+/// Writes the files of a checkpoint (config.json, model.safetensors, the tokenizer) into the
+/// existing directory `dir`.
+pub fn write_checkpoint_files(m: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+    let cfg = config_json(&m.cfg, m.recurformer.as_ref())?;
+    io::write_file(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    io::write_safetensors(&named_tensors(m), &dir.join("model.safetensors"))?;
+    if let Some(t) = tokenizer {
+        t.save_hf(dir)?;
+    }
+    Ok(())
+}
+
 /// Writes a self-contained checkpoint directory atomically: everything goes to a temporary sibling
-/// directory that is renamed over `dir` only once complete.
+/// directory that is renamed over `dir` only once complete. On failure (a full disk, say) the
+/// temporary directory is removed and a checkpoint already at `dir` is untouched.
 pub fn save_checkpoint(m: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+    replace_dir_with(dir, "tmp", |tmp| write_checkpoint_files(m, tokenizer, tmp))
+}
+
+/// Builds the new content of the directory `dir` with `fill` in a staging sibling
+/// (`.{name}.{tag}{pid}`), then swaps it in: `dir` is moved aside, the staging directory renamed
+/// to `dir`, the old one removed. If `fill` fails, the staging directory is removed and `dir` is
+/// left as it was; if the swap fails halfway, the old directory is moved back.
+pub fn replace_dir_with(
+    dir: &Path,
+    tag: &str,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let name = dir
         .file_name()
-        .with_context(|| format!("{} has no directory name", dir.display()))?;
+        .with_context(|| format!("{} has no directory name", dir.display()))?
+        .to_string_lossy()
+        .to_string();
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    let staging = parent.join(format!(".{name}.{tag}{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing the stale {}", staging.display()))?;
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let cfg = config_json(&m.cfg, m.recurformer.as_ref())?;
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
-    let tensors: HashMap<String, Tensor> = named_tensors(m).into_iter().collect();
-    candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
-        .with_context(|| format!("writing {}", tmp.join("model.safetensors").display()))?;
-    if let Some(t) = tokenizer {
-        t.save_hf(&tmp)?;
+    let filled = std::fs::create_dir_all(&staging)
+        .with_context(|| format!("creating {}", staging.display()))
+        .and_then(|_| fill(&staging))
+        .and_then(|_| io::sync_dir(&staging));
+    if let Err(e) = filled {
+        let _ = std::fs::remove_dir_all(&staging);
+        let kept = if dir.exists() {
+            format!("{} is unchanged", dir.display())
+        } else {
+            format!("{} was not created", dir.display())
+        };
+        return Err(e.context(format!(
+            "saving {}: nothing written is left behind, {kept}",
+            dir.display()
+        )));
     }
     if dir.exists() {
-        let old = parent.join(format!(
-            ".{}.old{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("moving the previous {} aside", dir.display()))?;
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
-        std::fs::remove_dir_all(&old)?;
+        let old = parent.join(format!(".{name}.old{}", std::process::id()));
+        if old.exists() {
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("removing the stale {}", old.display()))?;
+        }
+        if let Err(e) = std::fs::rename(dir, &old) {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e).with_context(|| format!("moving the previous {} aside", dir.display()));
+        }
+        if let Err(e) = std::fs::rename(&staging, dir) {
+            let back = std::fs::rename(&old, dir);
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e).with_context(|| {
+                format!(
+                    "renaming {} to {} ({})",
+                    staging.display(),
+                    dir.display(),
+                    match back {
+                        Ok(()) => "the previous one is back in place".to_string(),
+                        Err(b) => format!("the previous one is at {}: {b}", old.display()),
+                    }
+                )
+            });
+        }
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("removing the previous {}", old.display()))?;
     } else {
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+        std::fs::rename(&staging, dir)
+            .with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))?;
     }
-    Ok(())
+    io::sync_dir(parent)
 }

@@ -121,13 +121,48 @@ impl RecencyReport {
                     self.num_key_value_heads
                 );
             }
-            for h in &l.heads {
+            for (j, h) in l.heads.iter().enumerate() {
+                if h.head != j {
+                    bail!(
+                        "recency report layer {i}: head entry {j} is for head {}",
+                        h.head
+                    );
+                }
+                // The distance sets a mixer's decay and the RMS its output scale (convert::init).
+                for (name, v) in [("distance", h.distance), ("output_rms", h.output_rms)] {
+                    if !(v.is_finite() && v >= 0.0) {
+                        bail!(
+                            "recency report layer {i} head {j}: {name} {v} is not a finite \
+                             non-negative number"
+                        );
+                    }
+                }
                 for (name, v) in [("recency", h.recency), ("sink", h.sink)] {
                     if !(0.0..=1.0 + 1e-6).contains(&v) {
                         bail!(
                             "recency report layer {i} head {}: {name} {v} is outside [0, 1]",
                             h.head
                         );
+                    }
+                }
+            }
+            let gs = self.num_attention_heads / self.num_key_value_heads;
+            for (g, gr) in l.groups.iter().enumerate() {
+                if gr.group != g || gr.heads != (g * gs..(g + 1) * gs).collect::<Vec<_>>() {
+                    bail!(
+                        "recency report layer {i}: group entry {g} is group {} with heads {:?}, \
+                         expected group {g} with heads {:?}",
+                        gr.group,
+                        gr.heads,
+                        g * gs..(g + 1) * gs
+                    );
+                }
+                for (name, v) in [
+                    ("mean_recency", gr.mean_recency),
+                    ("min_recency", gr.min_recency),
+                ] {
+                    if !(0.0..=1.0 + 1e-6).contains(&v) {
+                        bail!("recency report layer {i} group {g}: {name} {v} is outside [0, 1]");
                     }
                 }
             }
@@ -144,8 +179,7 @@ impl RecencyReport {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::formats::io::read_text(path, crate::formats::io::JSON_FILE_LIMIT)?;
         let r: RecencyReport = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid recency report", path.display()))?;
         r.validate()

@@ -9,6 +9,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
+/// Upper bounds [`ModelConfig::validate`] puts on sizes (see there).
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+pub const MAX_HIDDEN: usize = 1 << 18;
+pub const MAX_INTERMEDIATE: usize = 1 << 20;
+pub const MAX_VOCAB: usize = 1 << 23;
+
 /// The decoder families this crate runs. Qwen2 is a Llama with q/k/v biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,6 +110,50 @@ impl ModelConfig {
                 c.intermediate_size
             );
         }
+        // Sizes far above any released model (Llama 3.1 405B: 126 layers, 128 heads, hidden 16384,
+        // intermediate 53248, vocabulary 128256), so that a damaged or hostile config cannot make
+        // the loader reserve per-layer or per-head memory before the weights are checked.
+        for (name, v, max) in [
+            ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", c.num_attention_heads, MAX_HEADS),
+            ("head_dim", c.head_dim, MAX_HEAD_DIM),
+            ("hidden_size", c.hidden_size, MAX_HIDDEN),
+            ("intermediate_size", c.intermediate_size, MAX_INTERMEDIATE),
+            ("vocab_size", c.vocab_size, MAX_VOCAB),
+        ] {
+            if v > max {
+                bail!("{name} is {v}, more than the supported maximum of {max}");
+            }
+        }
+        for (name, v) in [
+            ("rms_norm_eps", c.rms_norm_eps),
+            ("rope_theta", c.rope_theta),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{name} is {v}, expected a positive finite number");
+            }
+        }
+        let scaling_ok = match &c.rope_scaling {
+            None => true,
+            Some(RopeScaling::Linear { factor }) => factor.is_finite() && *factor > 0.0,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            }) => [factor, low_freq_factor, high_freq_factor]
+                .iter()
+                .all(|x| x.is_finite() && **x > 0.0),
+            Some(RopeScaling::Factors { factors }) => {
+                factors.iter().all(|x| x.is_finite() && *x > 0.0)
+            }
+        };
+        if !scaling_ok {
+            bail!(
+                "rope scaling {:?} has a factor that is not a positive finite number",
+                c.rope_scaling
+            );
+        }
         if let Some(RopeScaling::Factors { factors }) = &c.rope_scaling {
             if factors.len() != c.head_dim / 2 {
                 bail!(
@@ -121,8 +173,7 @@ impl ModelConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::formats::io::read_text(path, crate::formats::io::JSON_FILE_LIMIT)?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_hf_json(&v).with_context(|| format!("in {}", path.display()))

@@ -1,8 +1,9 @@
 //! GGUF checkpoints: configuration from metadata, tensors dequantised to f32 under Hugging Face
 //! names, and the raw tokenizer metadata (built into a tokenizer in `tokenizer.rs`).
 //!
-//! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Parsing and dequantisation
-//! use candle's `quantized::gguf_file` reader, which bounds-checks every length against the file.
+//! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. The header is read and
+//! checked by `gguf_read.rs`; tensor data is read and dequantised by candle's
+//! `quantized::gguf_file`, given only entries that lie inside the file.
 //!
 //! llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the rows of W_q
 //! and W_k of `llama` models so that each head's rotary pairs are interleaved (GPT-J style) instead
@@ -40,11 +41,11 @@ const SUPPORTED: &[GgmlDType] = &[
 ];
 
 impl GgufFile {
+    /// Reads the header; every length, shape and offset in it is checked against the file
+    /// (`gguf_read.rs`).
     pub fn open(path: &Path) -> Result<Self> {
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let content = Content::read(&mut f)
-            .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+        let content = crate::formats::gguf_read::read_content(path)
+            .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             content,
@@ -307,8 +308,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// transpose back. Works for weights `[out, in]` and biases `[out]`.
 pub fn unpermute_rows(t: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
-    let out = dims[0];
-    if out % (2 * n_head) != 0 {
+    let out = *dims.first().context("a scalar has no rows to un-permute")?;
+    if n_head == 0 || out % (2 * n_head) != 0 {
         bail!("{out} rows cannot be split into {n_head} heads of rotary pairs");
     }
     let half = out / n_head / 2;

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod gguf_read;
 pub mod io;
 pub mod text;
 pub mod tokenizer;

@@ -44,7 +44,26 @@ impl Tokenizer {
     /// `tokenizer.json` (+ the chat template and special tokens from `tokenizer_config.json`).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let text = crate::formats::io::read_text(&path, crate::formats::io::TOKENIZER_FILE_LIMIT)?;
+        // JSON syntax first, with serde_json's own error: tokenizers 0.23 panics instead of
+        // failing on a decoder object that is not valid JSON (`expect("Helper")` in its
+        // `decoders/mod.rs`; found by `tests/mutation.rs`).
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        // Other `expect`s remain in its deserialisers (normalizers, `Precompiled`): a panic there
+        // is the file's fault and becomes an error naming it.
+        let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                anyhow::anyhow!(
+                    "reading tokenizer {}: the tokenizers crate failed on it ({why})",
+                    path.display()
+                )
+            })?
             .map_err(|e| anyhow::anyhow!("reading tokenizer {}: {e}", path.display()))?;
         let mut tok = Tokenizer {
             inner,
@@ -55,8 +74,8 @@ impl Tokenizer {
         };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path)
-                .with_context(|| format!("reading {}", cfg_path.display()))?;
+            let text =
+                crate::formats::io::read_text(&cfg_path, crate::formats::io::JSON_FILE_LIMIT)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
             let token_str = |key: &str| -> Option<String> {
@@ -216,9 +235,11 @@ impl Tokenizer {
     /// `dir`, so a checkpoint directory is self-contained.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         let p = dir.join("tokenizer.json");
-        self.inner
-            .save(&p, false)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serialising {}: {e}", p.display()))?;
+        crate::formats::io::write_atomic(&p, text.as_bytes())?;
         let cfg = serde_json::json!({
             "chat_template": self.chat_template,
             "bos_token": self.bos_token,

@@ -175,8 +175,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<Weights> {
     if single.exists() {
         read_safetensors(&single, &mut tensors, &mut origin)?;
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("reading {}", index.display()))?;
+        let text = crate::formats::io::read_text(&index, crate::formats::io::JSON_FILE_LIMIT)?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = v
@@ -188,6 +187,16 @@ pub fn load_hf_dir(dir: &Path) -> Result<Weights> {
             let file = file.as_str().with_context(|| {
                 format!("{}: weight_map[{tensor}] is not a string", index.display())
             })?;
+            // A shard is a file beside the index: no directories, no `..`, no absolute path, so
+            // an index cannot make us map any other file on the machine.
+            let plain = Path::new(file).file_name().and_then(|n| n.to_str()) == Some(file);
+            if !plain || file == ".." || file == "." {
+                bail!(
+                    "{}: weight_map[{tensor}] names {file:?}, which is not a file name in the \
+                     checkpoint directory",
+                    index.display()
+                );
+            }
             expected
                 .entry(file.to_string())
                 .or_default()

@@ -509,8 +509,7 @@ impl Plan {
 
     /// Reads `plan.json`, validates it against `cfg` and recomputes `predicted_cache`.
     pub fn load(path: &Path, cfg: &ModelConfig) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::formats::io::read_text(path, crate::formats::io::JSON_FILE_LIMIT)?;
         let mut plan: Plan = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid plan file", path.display()))?;
         plan.validate(cfg)

@@ -2,7 +2,8 @@
 //! checkpoints written atomically, events for the CLI, and the time or step budget of each stage.
 
 use super::*;
-use crate::checkpoint::save::save_checkpoint;
+use crate::checkpoint::save::{replace_dir_with, write_checkpoint_files};
+use crate::formats::io;
 use crate::formats::tokenizer::Tokenizer;
 use crate::model::llama::Model;
 use crate::report::plot_losses;
@@ -318,14 +319,9 @@ impl Run<'_, '_, '_> {
 
     fn record(&mut self, v: Value) -> Result<()> {
         if self.out_is_ours {
-            use std::io::Write;
-            let p = self.s.out.join(LOG_FILE);
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .with_context(|| format!("appending to {}", p.display()))?;
-            writeln!(f, "{v}")?;
+            let mut f = io::FileWriter::append(&self.s.out.join(LOG_FILE))?;
+            f.put(format!("{v}\n").as_bytes())?;
+            f.finish()?;
         }
         self.log.push(v);
         Ok(())
@@ -402,45 +398,30 @@ impl Run<'_, '_, '_> {
         section.provenance.training = self.provenance_entries();
         m.recurformer = Some(section);
 
-        let out = &self.s.out;
-        let staging = sibling(out, "staging")?;
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging)?;
-        }
-        save_checkpoint(&m, self.s.tokenizer, &staging)?;
-        if let Some(o) = opt {
-            let t: HashMap<String, Tensor> = o.state_tensors().into_iter().collect();
-            candle_core::safetensors::save(&t, staging.join(OPTIMIZER_FILE))
-                .with_context(|| format!("writing {}", staging.join(OPTIMIZER_FILE).display()))?;
-        }
-        std::fs::write(
-            staging.join(TRAIN_STATE_FILE),
-            serde_json::to_string_pretty(&self.st)?,
-        )?;
-        if last {
-            // A missing font must not lose a finished run: the failure goes to the log instead.
-            if let Err(e) = plot_losses(&self.log, &staging.join(LOSS_PLOT_FILE)) {
-                let w = json!({"kind": "warning", "stage_index": self.st.progress.stage_index,
-                    "step": self.st.progress.step, "message": format!("no loss curve: {e:#}")});
-                self.log.push(w);
+        // Staged beside `out` and swapped in whole; a failed write (a full disk) removes the
+        // staging directory and leaves the previous checkpoint as it was.
+        let (st, log, tokenizer) = (&self.st, &mut self.log, self.s.tokenizer);
+        replace_dir_with(&self.s.out, "staging", |staging| {
+            write_checkpoint_files(&m, tokenizer, staging)?;
+            if let Some(o) = opt {
+                let t: Vec<(String, Tensor)> = o.state_tensors().into_iter().collect();
+                io::write_safetensors(&t, &staging.join(OPTIMIZER_FILE))?;
             }
-        }
-        let text: String = self.log.iter().map(|r| format!("{r}\n")).collect();
-        std::fs::write(staging.join(LOG_FILE), text)?;
-        if out.exists() {
-            let old = sibling(out, "old")?;
-            if old.exists() {
-                std::fs::remove_dir_all(&old)?;
+            io::write_file(
+                &staging.join(TRAIN_STATE_FILE),
+                serde_json::to_string_pretty(st)?.as_bytes(),
+            )?;
+            if last {
+                // A missing font must not lose a finished run: the failure goes to the log instead.
+                if let Err(e) = plot_losses(log, &staging.join(LOSS_PLOT_FILE)) {
+                    let w = json!({"kind": "warning", "stage_index": st.progress.stage_index,
+                        "step": st.progress.step, "message": format!("no loss curve: {e:#}")});
+                    log.push(w);
+                }
             }
-            std::fs::rename(out, &old)
-                .with_context(|| format!("moving the previous {} aside", out.display()))?;
-            std::fs::rename(&staging, out)
-                .with_context(|| format!("renaming {} to {}", staging.display(), out.display()))?;
-            std::fs::remove_dir_all(&old)?;
-        } else {
-            std::fs::rename(&staging, out)
-                .with_context(|| format!("renaming {} to {}", staging.display(), out.display()))?;
-        }
+            let text: String = log.iter().map(|r| format!("{r}\n")).collect();
+            io::write_file(&staging.join(LOG_FILE), text.as_bytes())
+        })?;
         self.out_is_ours = true;
         let _ = self.emit(Event::Checkpoint {
             stage: stage_name,

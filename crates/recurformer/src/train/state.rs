@@ -116,21 +116,6 @@ pub struct ResumePoint {
     pub log: Vec<Value>,
 }
 
-pub(super) fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .with_context(|| format!("{} has no directory name", dir.display()))?;
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok(parent.join(format!(
-        ".{}.{tag}{}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
-}
-
 /// Position of a log record, (stage index, step), for cutting a log back to a checkpoint.
 pub(super) fn record_pos(r: &Value) -> (u64, u64) {
     (
@@ -196,7 +181,7 @@ pub fn read_resume_point(dir: &Path) -> Result<(LoadedModel, ResumePoint)> {
             dir.display()
         );
     }
-    let text = std::fs::read_to_string(&sp).with_context(|| format!("reading {}", sp.display()))?;
+    let text = crate::formats::io::read_text(&sp, crate::formats::io::JSON_FILE_LIMIT)?;
     let raw: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON (damaged checkpoint)", sp.display()))?;
     if raw["format_version"].as_u64() != Some(STATE_FORMAT_VERSION as u64) {

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod counting_alloc;
+pub mod gguf;
+pub mod mutate;
 pub mod train;
 
 use anyhow::{Context, Result};
