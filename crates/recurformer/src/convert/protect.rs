@@ -217,33 +217,11 @@ mod tests {
     use crate::convert::probes::{
         GroupProbes, HeadProbes, LayerProbes, ProbeReport, ProbeScores, RepeatSettings,
     };
-    use crate::convert::recency::{group_stats, Calibration, HeadStats, LayerStats};
 
     /// An MHA report (one head per group) with the given recency and induction scores per layer.
     fn report(recency: &[&[f64]], induction: &[&[f64]]) -> RecencyReport {
-        let n = recency[0].len();
-        let layers = recency
-            .iter()
-            .enumerate()
-            .map(|(l, rs)| {
-                let heads: Vec<HeadStats> = rs
-                    .iter()
-                    .enumerate()
-                    .map(|(h, &r)| HeadStats {
-                        head: h,
-                        recency: r,
-                        sink: 0.0,
-                        distance: 1.0,
-                        output_rms: 1.0,
-                    })
-                    .collect();
-                LayerStats {
-                    layer: l,
-                    groups: group_stats(&heads, 1),
-                    heads,
-                }
-            })
-            .collect();
+        let v: Vec<Vec<f64>> = recency.iter().map(|r| r.to_vec()).collect();
+        let base = crate::convert::select::tests::report(&v, v[0].len(), 8);
         let scores = |x: f64| ProbeScores {
             induction: Some(x),
             echo: Some(0.0),
@@ -275,15 +253,6 @@ mod tests {
             })
             .collect();
         RecencyReport {
-            model: "synthetic".into(),
-            num_layers: recency.len(),
-            num_attention_heads: n,
-            num_key_value_heads: n,
-            head_dim: 8,
-            window: 32,
-            sink_tokens: 4,
-            calibration: Calibration::default(),
-            layers,
             probes: Some(ProbeReport {
                 repeat: Some(RepeatSettings {
                     sequences: 1,
@@ -295,6 +264,7 @@ mod tests {
                 copy: None,
                 layers: probe_layers,
             }),
+            ..base
         }
     }
 

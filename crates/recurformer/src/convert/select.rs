@@ -208,7 +208,7 @@ fn group_score_table(report: &RecencyReport) -> Result<Vec<Vec<f64>>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::convert::recency::{group_stats, Calibration, HeadStats, LayerStats};
     use crate::formats::config::Architecture;
