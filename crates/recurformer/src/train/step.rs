@@ -118,6 +118,8 @@ pub(super) fn align_micro(
     };
     let mut total: Option<Tensor> = None;
     let mut parts = Vec::with_capacity(conv.len());
+    // Rotary tables for the windowed heads, built once per micro-batch (same length every layer).
+    let mut rope_tables: Option<(Tensor, Tensor)> = None;
     for (c, (u, target)) in conv.iter().zip(&acts) {
         let mixer = student.layers[c.layer]
             .mixer
@@ -128,9 +130,12 @@ pub(super) fn align_micro(
         // With windowed heads beside the mixer, the two together stand in for the heads.
         let y = match &student.layers[c.layer].local {
             Some(la) => {
-                let (cos, sin) = student.rope.tables(0, u.dim(1)?, &student.device)?;
-                let (cos, sin) = (cos.to_dtype(u.dtype())?, sin.to_dtype(u.dtype())?);
-                (y + local_train(la, &student.rope, &u, (&cos, &sin), &opts)?)?
+                if rope_tables.is_none() {
+                    let (cos, sin) = student.rope.tables(0, u.dim(1)?, &student.device)?;
+                    rope_tables = Some((cos.to_dtype(u.dtype())?, sin.to_dtype(u.dtype())?));
+                }
+                let (cos, sin) = rope_tables.as_ref().expect("built above");
+                (y + local_train(la, &student.rope, &u, (cos, sin), &opts)?)?
             }
             None => y,
         };
