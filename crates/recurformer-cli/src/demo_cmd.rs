@@ -48,6 +48,13 @@ pub(crate) struct DemoArgs {
     /// finds no needle (BENCHMARKS.md, "The causal ceiling and windowed heads beside the mixer").
     #[arg(long, default_value_t = 32)]
     local_window: usize,
+    /// Share of the training windows rewritten into retrieval exercises (`train
+    /// --retrieval-share`); 0 trains on the text alone.
+    #[arg(long, default_value_t = 0.0)]
+    retrieval_share: f64,
+    /// Distillation weight of the retrieval windows' answer tokens (`train --answer-weight`).
+    #[arg(long, default_value_t = 4.0)]
+    answer_weight: f64,
     #[command(flatten)]
     threads: crate::ThreadArgs,
     /// Smoke run with tiny sizes everywhere (a few minutes; checks the pipeline, the numbers mean
@@ -230,6 +237,8 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                 .path("--out", &ps.trained)
                 .flag("--ce-weight", &[a.ce_weight])
                 .flag("--hidden-weight", &[a.hidden_weight])
+                .flag("--retrieval-share", &[a.retrieval_share])
+                .flag("--answer-weight", &[a.answer_weight])
                 .sizes(
                     &[
                         "--max-minutes",
@@ -406,6 +415,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     for (flag, w) in [
         ("--ce-weight", a.ce_weight),
         ("--hidden-weight", a.hidden_weight),
+        ("--answer-weight", a.answer_weight),
     ] {
         if !(w >= 0.0 && w.is_finite()) {
             bail!("{flag} {w}: expected a number >= 0");

@@ -132,6 +132,16 @@ pub struct TrainArgs {
     /// one, and of the final norm (fresh runs; default 0).
     #[arg(long)]
     pub hidden_weight: Option<f64>,
+    /// Share of the training windows rewritten into retrieval exercises built on the window's own
+    /// text: facts spliced into the prose and asked for at the end, a key: value list looked up
+    /// again, or a span repeated (fresh runs; default 0). Wordings and key formats differ from
+    /// `eval --tasks needle`. Needs the model's tokenizer and --seq-len >= 64.
+    #[arg(long)]
+    pub retrieval_share: Option<f64>,
+    /// Distillation weight of the answer tokens of retrieval windows (KL and cross-entropy of the
+    /// positions that predict them; other positions weigh 1; fresh runs; default 1).
+    #[arg(long)]
+    pub answer_weight: Option<f64>,
     /// What distillation trains: the mixers, the mixers and the converted layers' o_proj, or every
     /// tensor of the model (fresh runs; default mixers).
     #[arg(long, value_enum)]
@@ -180,6 +190,8 @@ fn apply_flags(cfg: &mut TrainConfig, a: &TrainArgs) {
     set!(clip);
     set!(ce_weight);
     set!(hidden_weight);
+    set!(retrieval_share);
+    set!(answer_weight);
     set!(base_lr_ratio);
     set!(seed);
     set!(align_share);
@@ -432,7 +444,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     eprintln!(
         "train: stages {:?}, seq_len {}, batch {} x accum {} = {} tokens/step, lr {:.1e} (align {:.1e}), \
-         warmup {}, clip {}, ce_weight {}, hidden_weight {}, train {}, seed {}, budget {:?}",
+         warmup {}, clip {}, ce_weight {}, hidden_weight {}, retrieval windows {} (answer weight {}), \
+         train {}, seed {}, budget {:?}",
         c.stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
         c.seq_len,
         c.batch,
@@ -444,6 +457,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         c.clip,
         c.ce_weight,
         c.hidden_weight,
+        c.retrieval_share,
+        c.answer_weight,
         scope,
         c.seed,
         c.budget

@@ -141,6 +141,19 @@ pub struct TrainConfig {
     pub align_share: f64,
     /// Held-out windows evaluated (at most).
     pub eval_windows: usize,
+    /// Share of the training windows of both stages rewritten into retrieval exercises (facts
+    /// in prose, key: value lists, repeated spans; `retrieval.rs`). 0 (the default, and what
+    /// older checkpoints trained with) trains on the text alone.
+    #[serde(default)]
+    pub retrieval_share: f64,
+    /// Distillation loss weight of the answer tokens of retrieval windows (KL and cross-entropy
+    /// of the rows that predict them; other rows weigh 1).
+    #[serde(default = "one")]
+    pub answer_weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for TrainConfig {
@@ -164,6 +177,8 @@ impl Default for TrainConfig {
             budget: Budget::default(),
             align_share: 0.25,
             eval_windows: 8,
+            retrieval_share: 0.0,
+            answer_weight: 1.0,
         }
     }
 }
@@ -214,6 +229,23 @@ impl TrainConfig {
             ("hidden_weight", self.hidden_weight),
         ] {
             ensure!(w.is_finite() && w >= 0.0, "{what} {w} must be >= 0");
+        }
+        ensure!(
+            (0.0..=1.0).contains(&self.retrieval_share),
+            "retrieval_share {} is outside [0, 1]",
+            self.retrieval_share
+        );
+        ensure!(
+            self.answer_weight.is_finite() && self.answer_weight > 0.0,
+            "answer_weight {} must be a positive number",
+            self.answer_weight
+        );
+        if self.retrieval_share > 0.0 {
+            ensure!(
+                self.seq_len >= 64,
+                "retrieval windows need seq_len >= 64, got {}",
+                self.seq_len
+            );
         }
         let a = &self.adamw;
         ensure!(

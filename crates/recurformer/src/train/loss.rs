@@ -36,6 +36,9 @@ pub(super) fn teacher_logits(teacher: &Model, ids: &Tensor) -> Result<Tensor> {
 pub(super) struct DistillLossOp {
     /// Target token of each row, or None (the last position of a window has none).
     pub(super) targets: Vec<Option<u32>>,
+    /// Per-row weights of both terms (None: all 1). `n_kl` and `n_ce` are then the sums of the
+    /// weights over all rows and over the rows with a target: a weighted mean.
+    pub(super) weights: Option<Vec<f64>>,
     pub(super) n_kl: f64,
     pub(super) n_ce: f64,
     /// Per row (logsumexp(s), logsumexp(t), P), from the forward pass for the backward.
@@ -107,7 +110,11 @@ impl CustomOp2 for DistillLossOp {
         let (st, v) = float_rows(s1, l1)?;
         let (tt, v2) = float_rows(s2, l2)?;
         let rows = l1.shape().dims2()?.0;
-        if v != v2 || l2.shape().dims2()?.0 != rows || self.targets.len() != rows {
+        if v != v2
+            || l2.shape().dims2()?.0 != rows
+            || self.targets.len() != rows
+            || self.weights.as_ref().is_some_and(|w| w.len() != rows)
+        {
             candle_core::bail!(
                 "distill-loss: student {:?}, teacher {:?}, {} targets",
                 l1.shape(),
@@ -132,7 +139,8 @@ impl CustomOp2 for DistillLossOp {
                     Some(j) => lse_s - s[j as usize],
                     None => 0.0,
                 };
-                (kl, ce, (lse_s, lse_t, mass))
+                let w = self.weights.as_ref().map_or(1.0, |w| w[r]);
+                (w * kl, w * ce, (lse_s, lse_t, mass))
             })
             .collect();
         let kl = per_row.iter().map(|x| x.0).sum::<f64>() / self.n_kl;
@@ -170,7 +178,15 @@ impl CustomOp2 for DistillLossOp {
         out.par_chunks_mut(v).enumerate().for_each(|(r, o)| {
             let (lse_s, lse_t, mass) = stash[r];
             let (s, t) = (st.row(r, v), tt.row(r, v));
-            let g_ce = if self.targets[r].is_some() { g_ce } else { 0.0 };
+            let w = self.weights.as_ref().map_or(1.0, |w| w[r]);
+            let (g_kl, g_ce) = (
+                g_kl * w,
+                if self.targets[r].is_some() {
+                    g_ce * w
+                } else {
+                    0.0
+                },
+            );
             for j in 0..v {
                 let q = exp_in(s[j] - lse_s, single);
                 let p = exp_in(t[j] - lse_t, single);
@@ -194,16 +210,50 @@ pub fn distill_losses(
     teacher_logits: &Tensor,
     ids: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    distill_losses_weighted(student_logits, teacher_logits, ids, None)
+}
+
+/// [`distill_losses`] with a weight per position (b*t, row-major; `None`: all 1): both terms
+/// become weighted means, sum_r w_r KL_r / sum_r w_r and likewise for the cross-entropy over the
+/// positions that have a next token. Used to weigh the answer tokens of retrieval windows.
+pub fn distill_losses_weighted(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    ids: &Tensor,
+    weights: Option<&[f64]>,
+) -> Result<(Tensor, Tensor)> {
     let (b, t, v) = student_logits.dims3()?;
     let ids_v: Vec<Vec<u32>> = ids.to_vec2()?;
     let targets: Vec<Option<u32>> = ids_v
         .iter()
         .flat_map(|w| (0..t).map(move |i| w.get(i + 1).copied()))
         .collect();
+    let (n_kl, n_ce) = match weights {
+        None => ((b * t) as f64, (b * (t - 1)) as f64),
+        Some(w) => {
+            anyhow::ensure!(
+                w.len() == b * t
+                    && w.iter().all(|x| x.is_finite() && *x >= 0.0)
+                    && w.iter().sum::<f64>() > 0.0,
+                "distillation weights: {} values for {} positions, or a negative / non-finite \
+                 one, or all zero",
+                w.len(),
+                b * t
+            );
+            let with_target: f64 = targets
+                .iter()
+                .zip(w)
+                .filter(|(tg, _)| tg.is_some())
+                .map(|(_, x)| x)
+                .sum();
+            (w.iter().sum(), with_target)
+        }
+    };
     let op = DistillLossOp {
         targets,
-        n_kl: (b * t) as f64,
-        n_ce: (b * (t - 1)) as f64,
+        weights: weights.map(<[f64]>::to_vec),
+        n_kl,
+        n_ce,
         stash: std::sync::Mutex::new(Vec::new()),
     };
     let s2 = student_logits.reshape((b * t, v))?.contiguous()?; // (b*t, v)

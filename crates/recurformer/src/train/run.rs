@@ -509,6 +509,15 @@ impl Run<'_, '_, '_> {
         let sseed = stage_seed(cfg.seed, stage);
         let mut order = WindowOrder::new(data.train.len(), cfg.seq_len, sseed)?;
         let heldout = heldout_windows(&data.heldout, cfg.seq_len, cfg.eval_windows)?;
+        let retrieval = if cfg.retrieval_share > 0.0 {
+            let tok = self.s.tokenizer.context(
+                "retrieval windows (retrieval_share > 0) are built from text: the model needs a \
+                 tokenizer",
+            )?;
+            Some(RetrievalWindows::new(tok)?)
+        } else {
+            None
+        };
         if self
             .emit(Event::StageStart {
                 stage,
@@ -552,12 +561,27 @@ impl Run<'_, '_, '_> {
             let mut acc: Option<Vec<Tensor>> = None;
             let (mut loss, mut parts) = (0f64, Vec::<f64>::new());
             for a in 0..cfg.accum {
-                let mut ws: Vec<&[u32]> = Vec::with_capacity(cfg.batch);
+                let mut owned: Vec<Vec<u32>> = Vec::with_capacity(cfg.batch);
+                let mut weights: Vec<f64> = Vec::with_capacity(cfg.batch * cfg.seq_len);
                 for _ in 0..cfg.batch {
                     let (start, _, _) = order.window(windows);
-                    ws.push(&data.train[start..start + cfg.seq_len]);
+                    let base = &data.train[start..start + cfg.seq_len];
+                    match &retrieval {
+                        Some(rw) if is_retrieval_window(sseed, windows, cfg.retrieval_share) => {
+                            let w = rw.build(base, sseed, windows)?;
+                            weights.extend(w.row_weights(cfg.answer_weight));
+                            owned.push(w.ids);
+                        }
+                        _ => {
+                            weights.extend(std::iter::repeat_n(1.0, cfg.seq_len));
+                            owned.push(base.to_vec());
+                        }
+                    }
                     windows += 1;
                 }
+                let ws: Vec<&[u32]> = owned.iter().map(Vec::as_slice).collect();
+                // Without retrieval windows no weights: the loss is computed exactly as before.
+                let weights = retrieval.as_ref().map(|_| weights.as_slice());
                 let ids = ids_tensor(&ws, &model_t.device)?;
                 let r = match stage {
                     Stage::Align => {
@@ -569,6 +593,7 @@ impl Run<'_, '_, '_> {
                         &ids,
                         cfg.ce_weight,
                         cfg.hidden_weight,
+                        weights,
                         Some(vars.as_slice()),
                     )?,
                 };

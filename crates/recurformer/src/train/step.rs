@@ -162,6 +162,7 @@ pub(super) fn distill_micro(
     ids: &Tensor,
     ce_weight: f64,
     hidden_weight: f64,
+    weights: Option<&[f64]>,
     vars: Option<&[(String, Var)]>,
 ) -> Result<MicroResult> {
     let with_hidden = hidden_weight > 0.0;
@@ -175,7 +176,7 @@ pub(super) fn distill_micro(
     };
     let (h, s_states) = forward_train_states(student, ids, with_hidden)?;
     let logits = logits_train(student, &h)?;
-    let (kl, ce) = distill_losses(&logits, &tl, ids)?;
+    let (kl, ce) = distill_losses_weighted(&logits, &tl, ids, weights)?;
     let hidden = t_hidden
         .map(|(t_final, t_states)| hidden_state_loss(student, &s_states, &h, &t_states, &t_final))
         .transpose()?;
@@ -236,7 +237,7 @@ pub fn evaluate(
         let r = match stage {
             Stage::Align => align_micro(teacher, student, &conv, &ids, None)?,
             Stage::Distill => {
-                distill_micro(teacher, student, &ids, ce_weight, hidden_weight, None)?
+                distill_micro(teacher, student, &ids, ce_weight, hidden_weight, None, None)?
             }
         };
         let w = chunk.len() as f64;

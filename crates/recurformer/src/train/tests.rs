@@ -65,6 +65,91 @@ fn fused_distill_loss_matches_the_composed_one() -> Result<()> {
     Ok(())
 }
 
+/// Per-position weights: all ones give the unweighted loss bit for bit; other weights give the
+/// weighted means of the composed per-position losses, values and gradients.
+#[test]
+fn weighted_distill_loss_is_the_weighted_mean() -> Result<()> {
+    let (b, t, v) = (2, 6, 13);
+    let dtype = DType::F64;
+    let s = Var::from_tensor(&rand(&[b, t, v], 3, dtype)?)?;
+    let teacher = rand(&[b, t, v], 4, dtype)?;
+    let ids_v: Vec<u32> = (0..b * t).map(|i| (i * 5 % v) as u32).collect();
+    let ids = Tensor::from_vec(ids_v, (b, t), &Device::Cpu)?;
+    let total = |kl: &Tensor, ce: &Tensor| -> Result<Tensor> { Ok((kl + (ce * 0.5)?)?) };
+    let grad = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.backward()?.get(s.as_tensor()).context("grad")?.clone())
+    };
+    let (kl, ce) = distill_losses(s.as_tensor(), &teacher, &ids)?;
+    let ones = vec![1.0; b * t];
+    let (kl1, ce1) = distill_losses_weighted(s.as_tensor(), &teacher, &ids, Some(&ones))?;
+    assert_eq!(kl.to_scalar::<f64>()?, kl1.to_scalar::<f64>()?);
+    assert_eq!(ce.to_scalar::<f64>()?, ce1.to_scalar::<f64>()?);
+    let (g, g1) = (grad(&total(&kl, &ce)?)?, grad(&total(&kl1, &ce1)?)?);
+    assert_eq!(
+        g.flatten_all()?.to_vec1::<f64>()?,
+        g1.flatten_all()?.to_vec1::<f64>()?
+    );
+
+    // Weights 1 and 5 (and one 0); the reference composes per-position losses with candle ops.
+    let w: Vec<f64> = (0..b * t)
+        .map(|i| match i % 4 {
+            0 => 5.0,
+            3 if i == 3 => 0.0,
+            _ => 1.0,
+        })
+        .collect();
+    let (klw, cew) = distill_losses_weighted(s.as_tensor(), &teacher, &ids, Some(&w))?;
+    let wt = Tensor::from_vec(w.clone(), (b, t), &Device::Cpu)?;
+    let ls = candle_nn::ops::log_softmax(s.as_tensor(), D::Minus1)?;
+    let lt = candle_nn::ops::log_softmax(&teacher, D::Minus1)?;
+    let kl_pos = (lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?; // (b, t)
+    let kl_ref = ((kl_pos * &wt)?.sum_all()? / w.iter().sum::<f64>())?;
+    let tg = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?.contiguous()?;
+    let picked = ls
+        .narrow(1, 0, t - 1)?
+        .contiguous()?
+        .gather(&tg, 2)?
+        .squeeze(2)?; // (b, t-1)
+    let w_ce = wt.narrow(1, 0, t - 1)?;
+    let ce_den: f64 = w_ce.sum_all()?.to_scalar::<f64>()?;
+    let ce_ref = ((picked * &w_ce)?.sum_all()? * (-1.0 / ce_den))?;
+    for (what, x, y) in [("kl", &klw, &kl_ref), ("ce", &cew, &ce_ref)] {
+        let e = max_rel(x, y)?;
+        assert!(e <= 1e-12, "weighted {what}: {e}");
+    }
+    let e = max_rel(
+        &grad(&total(&klw, &cew)?)?,
+        &grad(&total(&kl_ref, &ce_ref)?)?,
+    )?;
+    assert!(e <= 1e-12, "weighted gradient: {e}");
+    // The weights move the loss: the weighted value is not the plain one.
+    assert!((klw.to_scalar::<f64>()? - kl.to_scalar::<f64>()?).abs() > 1e-6);
+
+    // Bad weights are refused with the count named.
+    let err = distill_losses_weighted(s.as_tensor(), &teacher, &ids, Some(&w[1..]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("11 values for 12 positions"), "{err}");
+    Ok(())
+}
+
+/// Retrieval windows are mixed in at the configured share, deterministically.
+#[test]
+fn retrieval_share_is_met_and_deterministic() {
+    for share in [0.0, 0.15, 0.5, 1.0] {
+        let n = (0..20_000u64)
+            .filter(|&g| is_retrieval_window(7, g, share))
+            .count();
+        let got = n as f64 / 20_000.0;
+        assert!((got - share).abs() < 0.015, "share {share}: {got}");
+    }
+    let a: Vec<bool> = (0..100).map(|g| is_retrieval_window(7, g, 0.3)).collect();
+    let b: Vec<bool> = (0..100).map(|g| is_retrieval_window(7, g, 0.3)).collect();
+    let c: Vec<bool> = (0..100).map(|g| is_retrieval_window(8, g, 0.3)).collect();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
 /// The frozen-weight linear gives the plain matmul's output and input gradient.
 #[test]
 fn frozen_linear_matches_the_plain_one() -> Result<()> {
