@@ -51,6 +51,35 @@ pub struct PlanArgs {
     /// be met without a protected group, fewer groups are replaced and a warning says so.
     #[arg(long, value_name = "RULES", default_value = "default")]
     pub protect: String,
+    /// Run the causal check with this base model (the one the report was made from): the base
+    /// with the planned groups restricted to --check-sinks sink tokens + --check-window recent
+    /// keys is scored on held-out passkey prompts cut from the calibration text; while it finds
+    /// fewer than the base, up to --max-swaps replaced groups (most copy mass first) are traded
+    /// for the next groups by recency, and a trade is kept when the ceiling rises. The result and
+    /// every trial go into plan.json (`ceiling`). Off when not given.
+    #[arg(long, value_name = "MODEL")]
+    pub check_model: Option<PathBuf>,
+    /// Passkey prompts of the check.
+    #[arg(long, default_value_t = 24)]
+    pub check_prompts: usize,
+    /// Tokens per check prompt before the answer.
+    #[arg(long, default_value_t = 1024)]
+    pub check_context: usize,
+    /// Recent keys the restricted groups keep in the check (the windowed heads' `--local-window`).
+    #[arg(long, default_value_t = 32)]
+    pub check_window: usize,
+    /// Sink tokens the restricted groups keep in the check.
+    #[arg(long, default_value_t = 4)]
+    pub check_sinks: usize,
+    /// Swap trials at most (0: measure the ceiling only).
+    #[arg(long, default_value_t = 4)]
+    pub max_swaps: usize,
+    /// Haystack text of the check prompts (files or directories; default: the calibration text,
+    /// Austen without Persuasion).
+    #[arg(long, value_name = "PATH")]
+    pub check_data: Vec<PathBuf>,
+    #[command(flatten)]
+    pub threads: crate::ThreadArgs,
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
@@ -80,6 +109,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
         shape.num_attention_heads,
         shape.num_key_value_heads,
     )?;
+    if let Some(model) = &args.check_model {
+        plan = check(&args, model, &report, plan)?;
+    }
     plan.save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
 
@@ -193,6 +225,87 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// The causal check (`convert::ceiling`) of `plan` with the base model at `model_path`.
+fn check(
+    args: &PlanArgs,
+    model_path: &std::path::Path,
+    report: &RecencyReport,
+    plan: recurformer::model::plan::Plan,
+) -> Result<recurformer::model::plan::Plan> {
+    use recurformer::convert::ceiling::check_plan;
+    use recurformer::convert::passkey::{passkey_cases, PasskeyOptions};
+    use recurformer::formats::text::{load_documents, token_stream};
+    use recurformer::model::plan::CeilingSettings;
+    args.threads.apply();
+    let loaded = recurformer::checkpoint::loader::load(model_path)?;
+    let base = &loaded.model;
+    plan.validate(&base.cfg).with_context(|| {
+        format!(
+            "{} does not have the shape of the model {} was made from",
+            model_path.display(),
+            args.recency.display()
+        )
+    })?;
+    let s = CeilingSettings {
+        prompts: args.check_prompts,
+        prompt_len: args.check_context,
+        sinks: args.check_sinks,
+        window: args.check_window,
+        max_swaps: args.max_swaps,
+        ..CeilingSettings::default()
+    };
+    anyhow::ensure!(
+        s.prompts >= 1 && s.window >= 1,
+        "--check-prompts {} and --check-window {} must be at least 1",
+        s.prompts,
+        s.window
+    );
+    let files = if args.check_data.is_empty() {
+        crate::default_calibration_files()
+    } else {
+        args.check_data.clone()
+    };
+    let eos = base.cfg.eos_token_ids.first().copied();
+    let stream = token_stream(&load_documents(&files)?, loaded.tokenizer()?, eos)?;
+    let set = passkey_cases(
+        loaded.tokenizer()?,
+        &stream,
+        eos,
+        &PasskeyOptions {
+            prompts: s.prompts,
+            prompt_len: s.prompt_len,
+            key_digits: s.key_digits,
+            seed: s.seed,
+            haystack_files: files.iter().map(|f| shown_path(f)).collect(),
+        },
+    )?;
+    eprintln!(
+        "check: {} passkey prompts of {} tokens ({}-digit keys, seed {}), restricted groups see {} sinks + {} recent keys",
+        s.prompts, s.prompt_len, s.key_digits, s.seed, s.sinks, s.window
+    );
+    let t0 = std::time::Instant::now();
+    let out = check_plan(base, &plan, report, &set, &s, &mut |m| {
+        eprintln!("check: {m}")
+    })?;
+    if let Some(c) = &out.ceiling {
+        let kept = c.swaps.iter().filter(|x| x.accepted).count();
+        println!(
+            "ceiling (base with the replaced groups restricted to {} sinks + {} recent keys), exact \
+             passkeys of {}: base {}, plan {}, after {} kept swap(s) of {} tried {} ({:.0} s)",
+            s.sinks,
+            s.window,
+            s.prompts,
+            c.base_correct,
+            c.planned_correct,
+            kept,
+            c.swaps.len(),
+            c.final_correct,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(out)
 }
 
 /// `recurformer recency-diff`: how stable the scores and the chosen groups are between two

@@ -5,6 +5,7 @@
 //! the groups with strong probe evidence out of a plan (DESIGN.md, "Retrieval-aware selection").
 
 pub mod analyze;
+pub mod ceiling;
 pub mod init;
 pub mod passkey;
 pub mod probes;

@@ -232,6 +232,61 @@ pub struct Plan {
     /// Predicted cache bytes at [`PREDICTED_TOKENS`]; derived from `layers`, recomputed by
     /// [`Plan::save`] and [`Plan::load`].
     pub predicted_cache: Vec<CacheBytes>,
+    /// The causal check of the plan on held-out passkey prompts, with the swaps it made
+    /// (`convert::ceiling`, `plan --check-model`); absent when it did not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<CeilingCheck>,
+}
+
+/// Settings of the plan's causal check (`convert::ceiling`), recorded with its result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CeilingSettings {
+    pub prompts: usize,
+    /// Prompt tokens before the answer.
+    pub prompt_len: usize,
+    pub key_digits: usize,
+    pub seed: u64,
+    pub sinks: usize,
+    pub window: usize,
+    /// Swap trials at most (0: measure only).
+    pub max_swaps: usize,
+}
+
+impl Default for CeilingSettings {
+    fn default() -> Self {
+        CeilingSettings {
+            prompts: 24,
+            prompt_len: 1024,
+            key_digits: 6,
+            seed: 1009,
+            sinks: 4,
+            window: 32,
+            max_swaps: 4,
+        }
+    }
+}
+
+/// One swap trial: `out` (layer, group) handed back to attention, `into` replaced instead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SwapTrial {
+    pub out: (usize, usize),
+    pub into: (usize, usize),
+    /// Prompts answered exactly with the swap.
+    pub correct: usize,
+    pub accepted: bool,
+}
+
+/// The check's result, stored in plan.json.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CeilingCheck {
+    pub settings: CeilingSettings,
+    /// Prompts the base model answers exactly (every answer token the argmax).
+    pub base_correct: usize,
+    /// ... with the plan's groups restricted to the window, as the rules chose them.
+    pub planned_correct: usize,
+    /// ... after the accepted swaps (the plan written).
+    pub final_correct: usize,
+    pub swaps: Vec<SwapTrial>,
 }
 
 impl Plan {
@@ -287,6 +342,7 @@ impl Plan {
             rule,
             layers,
             predicted_cache: Vec::new(),
+            ceiling: None,
         };
         plan.refresh_predicted_cache();
         plan

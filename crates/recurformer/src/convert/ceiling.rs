@@ -1,0 +1,195 @@
+//! The causal check of a plan before any training (issue 18, part 2): the base model with the
+//! planned groups' attention restricted to the sink tokens plus a recent window — roughly the best
+//! a mixer with windowed heads beside it can reproduce of them (`Model::with_kv_window`) — is scored
+//! on held-out passkey prompts. Where this ceiling falls below the base, the plan swaps a replaced
+//! group for the next candidate and keeps the swap when the ceiling rises.
+//!
+//! Which group to hand back first: the replaced groups ranked by the copy probe's soft mass (the
+//! attention they put on the key while the answer is produced, `convert::probes`), most first,
+//! then by lowest recency; what replaces it: the unprotected attention group with the highest
+//! recency that keeps the per-layer minimum. The trials are greedy and capped (`max_swaps`), and
+//! every trial is recorded in plan.json, accepted or not.
+//!
+//! The prompts are the analysis probe's passkey format (`convert::passkey`) with their own seed,
+//! length and key size, so the check is not scored on the prompts the probes chose heads with;
+//! the evaluation's needle (Paul Graham essays) stays out of planning altogether.
+
+use crate::convert::probes::{CopySet, Probe};
+use crate::convert::recency::RecencyReport;
+use crate::model::llama::Model;
+use crate::model::options::ForwardOptions;
+use crate::model::plan::{CeilingCheck, CeilingSettings, Plan, SwapTrial};
+use anyhow::Result;
+use candle_core::{Tensor, D};
+use std::collections::BTreeSet;
+
+/// Per prompt: whether `model` predicts every answer token as the argmax, teacher forced (one
+/// forward per prompt, logits at the answer positions only).
+pub fn passkey_exact(model: &Model, set: &CopySet) -> Result<Vec<bool>> {
+    set.cases
+        .iter()
+        .map(|c| {
+            let n = c.ids.len();
+            let k = n - c.answer_start;
+            let x = Tensor::new(c.ids.as_slice(), &model.device)?.unsqueeze(0)?; // (1, n)
+            let mut cache = model.new_cache(1, n);
+            let h = model.forward_hidden(&x, &mut cache, &ForwardOptions::default(), None)?;
+            let logits = model.logits(&h.narrow(1, c.answer_start - 1, k)?)?; // (1, k, v)
+            let pred = logits.argmax(D::Minus1)?.squeeze(0)?.to_vec1::<u32>()?;
+            Ok(pred == c.ids[c.answer_start..])
+        })
+        .collect()
+}
+
+fn count(v: &[bool]) -> usize {
+    v.iter().filter(|&&x| x).count()
+}
+
+fn replaced_sets(plan: &Plan) -> Vec<Vec<usize>> {
+    plan.layers.iter().map(|l| l.mamba_groups.clone()).collect()
+}
+
+/// Scores the plan's ceiling on `set` and swaps groups while it is below the base (see the module
+/// doc). Returns the plan to write (with `ceiling` set) — the input plan itself when no swap
+/// helped. `progress(done, what)` is called after each scoring pass.
+pub fn check_plan(
+    base: &Model,
+    plan: &Plan,
+    report: &RecencyReport,
+    set: &CopySet,
+    s: &CeilingSettings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Plan> {
+    let ceiling_of = |p: &Plan| -> Result<usize> {
+        if p.replaced_groups() == 0 {
+            return Ok(count(&passkey_exact(base, set)?));
+        }
+        let m = base.with_kv_window(p, s.sinks, s.window)?;
+        Ok(count(&passkey_exact(&m, set)?))
+    };
+    let base_correct = count(&passkey_exact(base, set)?);
+    progress(&format!(
+        "base model: {base_correct} of {}",
+        set.cases.len()
+    ));
+    let mut cur = plan.clone();
+    cur.ceiling = None;
+    let planned_correct = ceiling_of(&cur)?;
+    progress(&format!(
+        "plan, groups restricted to {} sinks + {} recent keys: {planned_correct} of {}",
+        s.sinks,
+        s.window,
+        set.cases.len()
+    ));
+    let mut cur_correct = planned_correct;
+
+    // Candidates to hand back: replaced groups, most copy mass first, then lowest recency.
+    let recency: std::collections::HashMap<(usize, usize), f64> = report
+        .group_scores()
+        .into_iter()
+        .map(|(l, g, r)| ((l, g), r))
+        .collect();
+    let copy_mass: std::collections::HashMap<(usize, usize), f64> = report
+        .probes
+        .as_ref()
+        .filter(|p| p.probes().contains(&Probe::CopyMass))
+        .map(|p| {
+            p.group_scores(Probe::CopyMass)
+                .into_iter()
+                .map(|(l, g, x)| ((l, g), x))
+                .collect()
+        })
+        .unwrap_or_default();
+    let key = |lg: &(usize, usize)| -> (f64, f64) {
+        (
+            copy_mass.get(lg).copied().unwrap_or(0.0),
+            recency.get(lg).copied().unwrap_or(0.0),
+        )
+    };
+    let mut out_order: Vec<(usize, usize)> = cur
+        .layers
+        .iter()
+        .flat_map(|l| l.mamba_groups.iter().map(move |&g| (l.layer, g)))
+        .collect();
+    out_order.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(ka.1.total_cmp(&kb.1))
+            .then(a.cmp(b))
+    });
+    let protected: BTreeSet<(usize, usize)> = cur
+        .rule
+        .protection
+        .iter()
+        .flat_map(|p| p.protected.iter().map(|g| (g.layer, g.group)))
+        .collect();
+    let mut handed_back: BTreeSet<(usize, usize)> = BTreeSet::new();
+    let min_keep = cur.rule.min_attention_groups_per_layer;
+    let n_kv = cur.shape.num_key_value_heads;
+    let mut swaps = Vec::new();
+    for out in out_order {
+        if swaps.len() >= s.max_swaps || cur_correct >= base_correct {
+            break;
+        }
+        let sets = replaced_sets(&cur);
+        // The best attention group to replace instead: not protected, not handed back, and its
+        // layer keeps `min_keep` attention groups after the swap.
+        let mut into_order: Vec<(usize, usize)> = recency
+            .keys()
+            .copied()
+            .filter(|&(l, g)| {
+                !sets[l].contains(&g)
+                    && !protected.contains(&(l, g))
+                    && !handed_back.contains(&(l, g))
+                    && (l, g) != out
+            })
+            .filter(|&(l, _)| {
+                let replaced_after = sets[l].len() + 1 - usize::from(out.0 == l);
+                n_kv - replaced_after >= min_keep.max(1)
+            })
+            .collect();
+        into_order.sort_by(|a, b| recency[b].total_cmp(&recency[a]).then(a.cmp(b)));
+        let Some(&into) = into_order.first() else {
+            break;
+        };
+        let mut trial_sets = sets.clone();
+        trial_sets[out.0].retain(|&g| g != out.1);
+        trial_sets[into.0].push(into.1);
+        let trial = Plan::from_mamba_sets(cur.shape, cur.rule.clone(), &trial_sets);
+        let correct = ceiling_of(&trial)?;
+        let accepted = correct > cur_correct;
+        progress(&format!(
+            "swap L{}G{} -> L{}G{}: {correct} of {} ({})",
+            out.0,
+            out.1,
+            into.0,
+            into.1,
+            set.cases.len(),
+            if accepted { "kept" } else { "undone" }
+        ));
+        swaps.push(SwapTrial {
+            out,
+            into,
+            correct,
+            accepted,
+        });
+        if accepted {
+            handed_back.insert(out);
+            cur = trial;
+            cur_correct = correct;
+        }
+    }
+    cur.ceiling = Some(CeilingCheck {
+        settings: s.clone(),
+        base_correct,
+        planned_correct,
+        final_correct: cur_correct,
+        swaps,
+    });
+    cur.refresh_predicted_cache();
+    anyhow::ensure!(
+        cur.replaced_groups() == plan.replaced_groups(),
+        "internal: swaps changed the number of replaced groups"
+    );
+    Ok(cur)
+}

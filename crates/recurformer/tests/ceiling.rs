@@ -1,0 +1,109 @@
+//! The plan's causal check (`convert::ceiling`) on the default model: a plan that replaces most
+//! groups of the layers that hold the copy heads (17-24) falls below the base on passkeys when
+//! those groups only see 4 sinks + 4 recent keys; the check measures that, trades groups back,
+//! keeps only trades that raise the ceiling, never changes how many groups are replaced, never
+//! empties a layer, and records every trial.
+
+mod common;
+use anyhow::Result;
+use common::*;
+use recurformer::convert::ceiling::{check_plan, passkey_exact};
+use recurformer::convert::passkey::{passkey_cases, PasskeyOptions};
+use recurformer::convert::recency::Calibration;
+use recurformer::model::plan::{CeilingSettings, Plan};
+
+#[test]
+fn the_check_measures_the_ceiling_and_keeps_only_helpful_swaps() -> Result<()> {
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
+    let (base, tok) = (&loaded.model, loaded.tokenizer()?);
+    let text = std::fs::read_to_string(root().join("data/text/austen/emma.txt"))?;
+    let text: String = text.chars().skip(50_000).take(40_000).collect();
+    let stream = tok.encode(&text, false)?;
+    let set = passkey_cases(
+        tok,
+        &stream,
+        None,
+        &PasskeyOptions {
+            prompts: 8,
+            prompt_len: 400,
+            key_digits: 6,
+            seed: 5,
+            haystack_files: vec!["emma.txt".into()],
+        },
+    )?;
+    // Recency scores from two short windows (no probes: hand-back order is lowest recency first).
+    let calib = vec![stream[..160].to_vec(), stream[2000..2160].to_vec()];
+    let report = recurformer::convert::analyze::analyze(
+        base,
+        &calib,
+        32,
+        Calibration::default(),
+        "default",
+        &mut |_| {},
+    )?;
+    // Layers 17-24: every group but group 0 replaced.
+    let sets: Vec<Vec<usize>> = (0..base.cfg.num_hidden_layers)
+        .map(|l| {
+            if (17..=24).contains(&l) {
+                vec![1, 2]
+            } else {
+                vec![]
+            }
+        })
+        .collect();
+    let mut plan = Plan::from_groups(&base.cfg, &sets)?;
+    plan.rule.min_attention_groups_per_layer = 1;
+    let s = CeilingSettings {
+        prompts: 8,
+        prompt_len: 400,
+        window: 4,
+        max_swaps: 3,
+        ..CeilingSettings::default()
+    };
+    let mut log = Vec::new();
+    let out = check_plan(base, &plan, &report, &set, &s, &mut |m| {
+        log.push(m.to_string())
+    })?;
+    println!("{}", log.join("\n"));
+    let c = out.ceiling.as_ref().expect("the check is recorded");
+    let base_ok = passkey_exact(base, &set)?.iter().filter(|&&x| x).count();
+    assert_eq!(c.base_correct, base_ok);
+    assert!(
+        c.base_correct >= 7,
+        "the base finds {} of 8",
+        c.base_correct
+    );
+    assert!(
+        c.planned_correct < c.base_correct,
+        "restricting the copy layers to 4 recent keys should cost passkeys: {} vs {}",
+        c.planned_correct,
+        c.base_correct
+    );
+    assert!(!c.swaps.is_empty() && c.swaps.len() <= 3);
+    // Each kept trade raised the ceiling over the last kept state; undone ones did not.
+    let mut best = c.planned_correct;
+    for t in &c.swaps {
+        assert_eq!(t.accepted, t.correct > best, "{t:?}");
+        if t.accepted {
+            best = t.correct;
+        }
+    }
+    assert_eq!(c.final_correct, best);
+    // The written plan is what the kept trades make of the input, and measures what it says.
+    assert_eq!(out.replaced_groups(), plan.replaced_groups());
+    for l in &out.layers {
+        assert!(!l.attention_groups.is_empty(), "layer {} emptied", l.layer);
+    }
+    for t in c.swaps.iter().filter(|t| t.accepted) {
+        assert!(!out.layers[t.out.0].mamba_groups.contains(&t.out.1));
+        assert!(out.layers[t.into.0].mamba_groups.contains(&t.into.1));
+    }
+    let m = base.with_kv_window(&out, s.sinks, s.window)?;
+    let again = passkey_exact(&m, &set)?.iter().filter(|&&x| x).count();
+    assert_eq!(again, c.final_correct);
+    // plan.json keeps the check; a plan without one serialises as before (no `ceiling` key).
+    let json = serde_json::to_string(&out)?;
+    assert!(json.contains("\"ceiling\""));
+    assert!(!serde_json::to_string(&plan)?.contains("ceiling"));
+    Ok(())
+}
