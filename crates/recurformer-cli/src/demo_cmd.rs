@@ -208,9 +208,32 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                 .flag("--min-attention-groups-per-layer", &[1])
                 .path("--out", &ps.plan)
                 .path("--heatmap", &ps.plan_png)
+                // The causal check: passkeys with the planned groups restricted to the window the
+                // windowed heads will keep; groups that cost passkeys are traded back.
+                .path("--check-model", base)
+                .flag(
+                    "--check-window",
+                    &[if a.local_window > 0 {
+                        a.local_window
+                    } else {
+                        32
+                    }],
+                )
+                .sizes(
+                    &[],
+                    &[
+                        "--check-prompts",
+                        "2",
+                        "--check-context",
+                        "256",
+                        "--max-swaps",
+                        "1",
+                    ],
+                )
+                .threads(a.threads)
                 .build(),
             outputs: vec![ps.plan.clone(), ps.plan_png.clone()],
-            estimate_s: 2.0,
+            estimate_s: if q { 10.0 } else { 150.0 },
         },
         Stage {
             name: "convert",
@@ -872,6 +895,25 @@ fn report(
          ![recency heatmap with the plan]({})\n",
         rel(out, &ps.plan_png)
     ));
+    if let Ok(c) =
+        serde_json::from_value::<recurformer::model::plan::CeilingCheck>(plan["ceiling"].clone())
+    {
+        let st = &c.settings;
+        md.push_str(&format!(
+            "\nCausal check before training: the base model with the planned groups restricted to \
+             {} sink tokens + {} recent keys answers {} of {} held-out passkeys of {} tokens \
+             exactly (base {}); {} trade(s) tried, {} kept ({} with the plan as chosen).\n",
+            st.sinks,
+            st.window,
+            c.final_correct,
+            st.prompts,
+            st.prompt_len,
+            c.base_correct,
+            c.swaps.len(),
+            c.swaps.iter().filter(|t| t.accepted).count(),
+            c.planned_correct
+        ));
+    }
 
     md.push_str("\n## 2. Training\n\n| stage | steps | tokens | wall | tokens/s | held-out loss | held-out KL |\n|---|---|---|---|---|---|---|\n");
     for d in train["progress"]["done"].as_array().into_iter().flatten() {

@@ -6,7 +6,7 @@
 mod common;
 use anyhow::Result;
 use common::*;
-use recurformer::train::RetrievalWindows;
+use recurformer::train::{retrieval_start, RetrievalWindows, TokenDocument, TrainData};
 use std::collections::BTreeMap;
 
 #[test]
@@ -82,5 +82,54 @@ fn retrieval_windows_ask_for_what_they_contain() -> Result<()> {
     for k in ["facts", "list", "repeat"] {
         assert!(kinds.get(k).copied().unwrap_or(0) >= 20, "{k}: {kinds:?}");
     }
+    Ok(())
+}
+
+/// Retrieval text never comes from the evaluation's needle haystack, and is drawn uniformly from
+/// the documents it may use, whole windows inside one document.
+#[test]
+fn retrieval_text_avoids_the_evaluation_haystack() -> Result<()> {
+    let essays = root().join("data/text/paul_graham");
+    let essay = std::fs::read_dir(&essays)?
+        .next()
+        .expect("the essays are fetched by scripts/setup.sh")?
+        .path();
+    let doc = |source: String, n: usize, id: u32| TokenDocument {
+        source,
+        ids: vec![id; n],
+    };
+    let novel = root().join("data/text/austen/emma.txt");
+    let data = TrainData::new(
+        &[
+            doc(novel.display().to_string(), 300, 5),
+            doc(essay.display().to_string(), 900, 6),
+            doc("notes.jsonl:3".into(), 100, 7),
+        ],
+        &[doc("held".into(), 100, 8)],
+        Some(2),
+    );
+    assert_eq!(data.retrieval_ok, vec![true, false, true]);
+    let starts = data.retrieval_starts(64);
+    // Emma: tokens 0..301 (EOS included) -> starts 0..238; the essay is skipped; the note
+    // (1202..1303) -> 1202..1240.
+    assert_eq!(starts, vec![0..238, 1202..1240]);
+    let total: usize = starts.iter().map(|r| r.len()).sum();
+    let mut hits = [0usize; 2];
+    for g in 0..4000 {
+        let s0 = retrieval_start(&starts, total, 3, g);
+        assert_eq!(s0, retrieval_start(&starts, total, 3, g));
+        let i = starts
+            .iter()
+            .position(|r| r.contains(&s0))
+            .unwrap_or_else(|| panic!("start {s0} outside the allowed ranges"));
+        assert!(
+            !data.train[s0..s0 + 64].contains(&6),
+            "essay tokens in window {g}"
+        );
+        hits[i] += 1;
+    }
+    // Uniform over the 276 allowed starts: 238 / 276 of the draws in Emma.
+    let share = hits[0] as f64 / 4000.0;
+    assert!((share - 238.0 / 276.0).abs() < 0.03, "{hits:?}");
     Ok(())
 }

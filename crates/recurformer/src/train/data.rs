@@ -170,6 +170,13 @@ pub struct TrainData {
     pub heldout: Vec<u32>,
     pub train_sources: Vec<String>,
     pub heldout_sources: Vec<String>,
+    /// Token range of each training document in `train` (EOS included), parallel to
+    /// `train_sources`.
+    pub train_ranges: Vec<std::ops::Range<usize>>,
+    /// Per training document: whether retrieval windows may be built on it. False for the
+    /// evaluation's needle haystack (the Paul Graham essays), which trains as text but never as a
+    /// retrieval exercise, so the needle task keeps a haystack the exercises have not used.
+    pub retrieval_ok: Vec<bool>,
     /// How the caller chose the documents (files, fraction...), recorded in `train_state.json`
     /// so a resume can find them again; free-form.
     pub inputs: Value,
@@ -196,13 +203,47 @@ impl TrainData {
             }
             s
         };
+        let mut train_ranges = Vec::with_capacity(train.len());
+        let mut at = 0;
+        for d in train {
+            let n = d.ids.len() + usize::from(eos.is_some());
+            train_ranges.push(at..at + n);
+            at += n;
+        }
+        let haystack = crate::repo_root()
+            .join(crate::eval::tasks::PAUL_GRAHAM_DIR)
+            .canonicalize()
+            .ok();
+        let retrieval_ok = train
+            .iter()
+            .map(|d| {
+                let parent = Path::new(&d.source)
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf));
+                haystack.is_none() || parent != haystack
+            })
+            .collect();
         TrainData {
             train: pack(train),
             heldout: pack(heldout),
             train_sources: train.iter().map(|d| d.source.clone()).collect(),
             heldout_sources: heldout.iter().map(|d| d.source.clone()).collect(),
+            train_ranges,
+            retrieval_ok,
             inputs: Value::Null,
         }
+    }
+
+    /// Start offsets in `train` where a `len`-token retrieval window may be cut: inside one
+    /// document that `retrieval_ok` allows, as [a, b) ranges.
+    pub fn retrieval_starts(&self, len: usize) -> Vec<std::ops::Range<usize>> {
+        self.train_ranges
+            .iter()
+            .zip(&self.retrieval_ok)
+            .filter(|(r, &ok)| ok && r.len() >= len)
+            .map(|(r, _)| r.start..r.end - len + 1)
+            .collect()
     }
 
     pub fn fingerprint(&self) -> DataFingerprint {

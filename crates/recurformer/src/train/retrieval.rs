@@ -17,7 +17,7 @@
 //! Wordings, names and key formats differ on purpose from the evaluation's needle (Paul Graham
 //! essays, "The special magic number is" + 7 digits) and from the analysis probe's passkeys ("The
 //! pass key is"): values are 5, 6, 8 or 9 digits or letter-digit codes, never 7 plain digits, and the
-//! haystack is the training text itself. A window is a pure function of (stage seed, window index,
+//! haystack is training text other than the evaluation's essays (`TrainData::retrieval_ok`). A window is a pure function of (stage seed, window index,
 //! the base window's tokens), so exact resume is kept.
 
 use super::data::{mix, SplitMix64};
@@ -338,4 +338,22 @@ pub fn is_retrieval_window(seed: u64, g: u64, share: f64) -> bool {
     }
     let u = SplitMix64(mix(seed ^ 0x4d49_5845, g)).next(); // "MIXE"
     ((u >> 11) as f64 / (1u64 << 53) as f64) < share
+}
+
+/// The start of window `g`'s retrieval text: uniform over the allowed start offsets `starts`
+/// (`TrainData::retrieval_starts`, `total` of them), deterministic in (seed, g).
+pub fn retrieval_start(
+    starts: &[std::ops::Range<usize>],
+    total: usize,
+    seed: u64,
+    g: u64,
+) -> usize {
+    let mut k = (SplitMix64(mix(seed ^ 0x5445_5854, g)).next() % total.max(1) as u64) as usize; // "TEXT"
+    for r in starts {
+        if k < r.len() {
+            return r.start + k;
+        }
+        k -= r.len();
+    }
+    starts.last().map_or(0, |r| r.end - 1)
 }

@@ -8,7 +8,7 @@ use crate::formats::tokenizer::Tokenizer;
 use crate::model::llama::Model;
 use crate::report::plot_losses;
 use crate::train::optim::{clip_grad_norm, AdamW, LrSchedule};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -514,7 +514,16 @@ impl Run<'_, '_, '_> {
                 "retrieval windows (retrieval_share > 0) are built from text: the model needs a \
                  tokenizer",
             )?;
-            Some(RetrievalWindows::new(tok)?)
+            let starts = data.retrieval_starts(cfg.seq_len);
+            let total: usize = starts.iter().map(|r| r.len()).sum();
+            ensure!(
+                total > 0,
+                "retrieval windows need a training document of at least {} tokens outside the \
+                 evaluation's needle haystack ({})",
+                cfg.seq_len,
+                crate::eval::tasks::PAUL_GRAHAM_DIR
+            );
+            Some((RetrievalWindows::new(tok)?, starts, total))
         } else {
             None
         };
@@ -567,8 +576,13 @@ impl Run<'_, '_, '_> {
                     let (start, _, _) = order.window(windows);
                     let base = &data.train[start..start + cfg.seq_len];
                     match &retrieval {
-                        Some(rw) if is_retrieval_window(sseed, windows, cfg.retrieval_share) => {
-                            let w = rw.build(base, sseed, windows)?;
+                        Some((rw, starts, total))
+                            if is_retrieval_window(sseed, windows, cfg.retrieval_share) =>
+                        {
+                            // The exercise is built on its own text, drawn from the documents
+                            // it may use (not the evaluation's haystack).
+                            let s0 = retrieval_start(starts, *total, sseed, windows);
+                            let w = rw.build(&data.train[s0..s0 + cfg.seq_len], sseed, windows)?;
                             weights.extend(w.row_weights(cfg.answer_weight));
                             owned.push(w.ids);
                         }
