@@ -55,11 +55,11 @@ class RecurformerRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # In f32 like the Rust engine (x / sqrt(mean(x^2) + eps) * w).
+        # In f32 (or f64) like the Rust engine (x / sqrt(mean(x^2) + eps) * w).
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x).to(dtype)
+        return (self.weight.to(x.dtype) * x).to(dtype)
 
 
 def rope_inv_freq(config) -> torch.Tensor:
@@ -139,7 +139,8 @@ def grouped_attention(q, k, v, mask):
     qg = q.reshape(b, nkv, g * t, hd)  # (b, nkv, g*t, hd): a group's query heads stacked
     scores = torch.matmul(qg, k.transpose(-1, -2)) / math.sqrt(hd)  # (b, nkv, g*t, s)
     scores = scores.view(b, nkv, g, t, s).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, nkv, g * t, s)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    probs = probs.to(q.dtype).view(b, nkv, g * t, s)
     return torch.matmul(probs, v).view(b, n, t, hd)
 
 
@@ -320,10 +321,16 @@ class RecurformerMixer(nn.Module):
         self.z_bias = nn.Parameter(torch.zeros(n * p))
         self.norm = GatedNormWeight(n * p)
 
-    def new_state(self, batch, device):
-        """Zero state: conv (b, C_ch, K-1), ssm (b, n, P, N), f32 (DESIGN.md: the scan state in f32)."""
-        conv = torch.zeros(batch, self.conv_channels, self.conv_kernel - 1, device=device)
-        ssm = torch.zeros(batch, self.n_heads, self.head_dim, self.state_size, device=device)
+    @staticmethod
+    def state_dtype(dtype):
+        """The state is kept in f32 (DESIGN.md: the scan state in f32), or f64 for an f64 model."""
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def new_state(self, batch, device, dtype=torch.float32):
+        """Zero state: conv (b, C_ch, K-1), ssm (b, n, P, N)."""
+        dt = self.state_dtype(dtype)
+        conv = torch.zeros(batch, self.conv_channels, self.conv_kernel - 1, device=device, dtype=dt)
+        ssm = torch.zeros(batch, self.n_heads, self.head_dim, self.state_size, device=device, dtype=dt)
         return conv, ssm
 
     def forward(self, u, state=None, scan="chunked", chunk=DEFAULT_CHUNK):
@@ -331,12 +338,13 @@ class RecurformerMixer(nn.Module):
         b, t, _ = u.shape
         G, g, P, N, K, n = self.n_groups, self.group_size, self.head_dim, self.state_size, self.conv_kernel, self.n_heads
         if state is None:
-            state = self.new_state(b, u.device)
+            state = self.new_state(b, u.device, u.dtype)
         conv_state, ssm_state = state
         xbc = torch.cat([self.x_proj(u), self.B_proj(u), self.C_proj(u)], dim=-1)  # (b, t, C_ch)
         # Causal depthwise conv over [previous K-1 inputs | new inputs]; tap K-1 on the current token.
         conv_in = torch.cat([conv_state.to(u.dtype).transpose(1, 2), xbc], dim=1)  # (b, t+K-1, C_ch)
-        new_conv = conv_in[:, t : t + K - 1].transpose(1, 2).float()  # (b, C_ch, K-1)
+        sdt = self.state_dtype(u.dtype)
+        new_conv = conv_in[:, t : t + K - 1].transpose(1, 2).to(sdt)  # (b, C_ch, K-1)
         w = self.conv.weight
         acc = conv_in[:, 0:t] * w[:, 0]
         for tap in range(1, K):
@@ -357,7 +365,7 @@ class RecurformerMixer(nn.Module):
         v = y * F.silu(z)
         v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + MIXER_NORM_EPS)
         out = (v * self.norm.weight.view(n, P)).reshape(b, t, n * P)
-        return out, (new_conv, h.float())
+        return out, (new_conv, h.to(sdt))
 
 
 # --------------------------------------------------------------------------------------------

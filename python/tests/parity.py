@@ -5,7 +5,9 @@ Driven by `crates/recurformer/tests/pytorch_parity.rs`, which writes each case d
 a RecurFormer checkpoint (as `convert` / `train` write it) plus `rust.safetensors` with
   input_ids  I64 (1, t)    the prompt,
   logits     F32 (1, t, v) the Rust engine's logits over it (full forward, f32),
-  greedy     I64 (1, t+k)  the Rust engine's greedy continuation (KV / state cache).
+  greedy     I64 (1, t+k)  the Rust engine's greedy continuation (KV / state cache),
+  logits_f64 F64 (1, t, v) the Rust engine's logits with every weight in f64 (training forward),
+and optionally `prompt.json` ({"text", "ids"}: the prompt and the Rust tokenizer's ids).
 For every case this script loads the checkpoint the way a user would
 (`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`), measures and prints
   - max |logits_pytorch - logits_rust| (full forward),
@@ -13,6 +15,7 @@ For every case this script loads the checkpoint the way a user would
   - max |cached - full| in PyTorch: prefill of part of the prompt, then a chunk of 3, then one
     token at a time, against one full forward,
   - max |chunked scan - sequential scan| in PyTorch,
+  - the logit difference and cached vs full again with both models in f64,
 and writes them to the JSON file named by --out; the Rust test asserts on them. Exit status 0
 unless something could not run.
 
@@ -21,6 +24,7 @@ usage: python parity.py --out results.json CASE_DIR [CASE_DIR ...]
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -100,8 +104,20 @@ def check(case):
     try:
         tok = AutoTokenizer.from_pretrained(case)
         res["tokenizer"] = type(tok).__name__
+        if os.path.exists(f"{case}/prompt.json"):
+            with open(f"{case}/prompt.json") as f:
+                p = json.load(f)
+            res["tokenizer_ids_equal"] = tok(p["text"], add_special_tokens=False).input_ids == p["ids"]
     except (OSError, ValueError):
         res["tokenizer"] = None  # the tiny checkpoints have no tokenizer files
+    if "logits_f64" in ref:
+        # The same comparison in f64 on both sides: the functions themselves, without f32 rounding.
+        model.double()
+        with torch.no_grad():
+            full64 = model(input_ids=ids, use_cache=False).logits
+            res["max_abs_logit_diff_f64"] = max_diff(full64, ref["logits_f64"])
+            res["cached_vs_full_f64"] = cached_vs_full(model, ids, full64, max(1, t // 2))
+        model.float()
     res["seconds"] = round(time.time() - t0, 2)
     return res
 

@@ -12,7 +12,8 @@
 //!
 //! These tests need the Python reference venv (reference/.venv): they run
 //! `bash reference/setup_venv.sh` first, which installs it once (several minutes) and afterwards
-//! returns at once.
+//! returns at once. `RF_REFERENCE_PYTHON=/path/to/python` uses another interpreter with the
+//! packages of reference/requirements.txt instead (and `accelerate` beside it).
 
 mod common;
 use anyhow::{bail, ensure, Context, Result};
@@ -29,8 +30,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-/// Logits of PyTorch and this engine agree to this (f32), and so do cached and full forwards.
+/// Logits of PyTorch and this engine agree to this (f32 on the tiny models, f64 everywhere), and so
+/// do cached and full forwards.
 const TOL: f64 = 1e-4;
+
+/// f32 logits of the 135M model (30 layers, logits up to ~30): f32 rounding alone moves them by
+/// about 1e-4 (PyTorch's own cached and full forwards differ by 1.1e-4), so in f32 the real model
+/// is held to the tolerance of its base-model fixture (fixtures/README.md), and to `TOL` in f64.
+const REAL_F32_TOL: f64 = 1e-3;
 
 /// The venv's python, after `reference/setup_venv.sh` (once per test binary).
 fn venv_python() -> Result<PathBuf> {
@@ -39,6 +46,10 @@ fn venv_python() -> Result<PathBuf> {
     if let Some(p) = done.as_ref() {
         return Ok(p.clone());
     }
+    if let Some(p) = std::env::var_os("RF_REFERENCE_PYTHON") {
+        *done = Some(PathBuf::from(p));
+        return Ok(done.clone().expect("just set"));
+    }
     let t0 = std::time::Instant::now();
     let status = Command::new("bash")
         .arg(root().join("reference/setup_venv.sh"))
@@ -46,7 +57,10 @@ fn venv_python() -> Result<PathBuf> {
         .status()
         .context("running bash reference/setup_venv.sh")?;
     ensure!(status.success(), "reference/setup_venv.sh failed: {status}");
-    println!("reference venv ready in {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "reference venv ready in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let py = root().join("reference/.venv/bin/python");
     ensure!(py.exists(), "{} is missing after setup", py.display());
     *done = Some(py.clone());
@@ -68,7 +82,13 @@ fn python_cmd(py: &Path, tmp: &Path) -> Command {
 /// Saves `m` as a checkpoint in `dir` and writes `rust.safetensors` beside it: the prompt, the
 /// logits this engine computes over it from the saved checkpoint (full forward, f32) and its
 /// greedy continuation of `new` tokens (prefill, then one token at a time through the cache).
-fn write_case(m: &Model, tok: Option<&Tokenizer>, dir: &Path, ids: &[u32], new: usize) -> Result<()> {
+fn write_case(
+    m: &Model,
+    tok: Option<&Tokenizer>,
+    dir: &Path,
+    ids: &[u32],
+    new: usize,
+) -> Result<()> {
     save_checkpoint(m, tok, dir)?;
     let m = &loader::load(dir)?.model;
     let dev = Device::Cpu;
@@ -84,10 +104,14 @@ fn write_case(m: &Model, tok: Option<&Tokenizer>, dir: &Path, ids: &[u32], new: 
         last = m.forward_last(&Tensor::new(&[next], &dev)?.unsqueeze(0)?, &mut cache)?;
     }
     let all = Tensor::new(all.as_slice(), &dev)?.unsqueeze(0)?;
+    // The same model in f64 through the training forward (the one path that runs in any dtype).
+    let m64 = recurformer::train::model_to_dtype(m, DType::F64)?;
+    let logits64 = m64.logits(&recurformer::train::forward_train(&m64, &x)?)?;
     recurformer::formats::io::write_safetensors(
         &[
             ("input_ids".into(), x.to_dtype(DType::I64)?),
             ("logits".into(), logits),
+            ("logits_f64".into(), logits64),
             ("greedy".into(), all.to_dtype(DType::I64)?),
         ],
         &dir.join("rust.safetensors"),
@@ -115,7 +139,12 @@ fn pytorch_results(py: &Path, tmp: &Path, cases: &[PathBuf]) -> Result<Vec<serde
     }
     println!("PyTorch checks: {:.1} s", t0.elapsed().as_secs_f64());
     let v: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    ensure!(v.len() == cases.len(), "{} results for {} cases", v.len(), cases.len());
+    ensure!(
+        v.len() == cases.len(),
+        "{} results for {} cases",
+        v.len(),
+        cases.len()
+    );
     Ok(v)
 }
 
@@ -125,34 +154,64 @@ fn num(r: &serde_json::Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("result has no number {key}: {r}"))
 }
 
-/// The assertions every case makes; `mixers` and `windowed` are the layers that have them.
-fn assert_parity(r: &serde_json::Value, mixers: usize, windowed: usize) {
+/// The assertions every case makes; `mixers` and `windowed` are the layers that have them, `f32_tol`
+/// the tolerance of the f32 comparisons.
+fn assert_parity(r: &serde_json::Value, mixers: usize, windowed: usize, f32_tol: f64) {
     let case = r["case"].as_str().unwrap_or("?");
     let d = num(r, "max_abs_logit_diff");
     println!(
-        "{case}: max |logit diff| {d:.2e} (logits up to {:.2}), cached vs full {:.2e}, chunked vs \
-         sequential {:.2e}, greedy equal {}",
+        "{case}: max |logit diff| {d:.2e} (logits up to {:.2}; f64: {:.2e}), cached vs full {:.2e} \
+         (f64: {:.2e}), chunked vs sequential {:.2e}, greedy equal {}",
         num(r, "max_abs_logit"),
+        num(r, "max_abs_logit_diff_f64"),
         num(r, "cached_vs_full"),
+        num(r, "cached_vs_full_f64"),
         num(r, "chunked_vs_sequential"),
         r["greedy_equal"]
     );
     assert_eq!(r["class"], "RecurformerForCausalLM", "{case}");
-    assert_eq!(r["mixers"].as_u64(), Some(mixers as u64), "{case}: mixer layers");
-    assert_eq!(r["windowed"].as_u64(), Some(windowed as u64), "{case}: windowed layers");
-    assert!(d <= TOL, "{case}: PyTorch and Rust logits differ by {d}");
-    assert!(num(r, "cached_vs_full") <= TOL, "{case}: PyTorch cached vs full: {r}");
-    assert!(num(r, "chunked_vs_sequential") <= TOL, "{case}: chunked vs sequential scan: {r}");
+    assert_eq!(
+        r["mixers"].as_u64(),
+        Some(mixers as u64),
+        "{case}: mixer layers"
+    );
+    assert_eq!(
+        r["windowed"].as_u64(),
+        Some(windowed as u64),
+        "{case}: windowed layers"
+    );
+    assert!(
+        d <= f32_tol,
+        "{case}: PyTorch and Rust logits differ by {d}"
+    );
+    let d64 = num(r, "max_abs_logit_diff_f64");
+    assert!(
+        d64 <= TOL,
+        "{case}: in f64 PyTorch and Rust logits differ by {d64}"
+    );
+    assert!(
+        num(r, "cached_vs_full") <= f32_tol,
+        "{case}: PyTorch cached vs full: {r}"
+    );
+    assert!(
+        num(r, "cached_vs_full_f64") <= TOL,
+        "{case}: PyTorch cached vs full, f64: {r}"
+    );
+    assert!(
+        num(r, "chunked_vs_sequential") <= f32_tol,
+        "{case}: chunked vs sequential scan: {r}"
+    );
     // Activation checkpointing recomputes the same function (checked on the tiny models).
     if let Some(g) = r["checkpointing_grad_diff"].as_f64() {
-        assert!(g <= 1e-6, "{case}: gradients with and without checkpointing differ by {g}");
+        assert!(
+            g <= 1e-6,
+            "{case}: gradients with and without checkpointing differ by {g}"
+        );
     }
     assert_eq!(
-        r["greedy_equal"],
-        true,
+        r["greedy_equal"], true,
         "{case}: greedy continuations differ: PyTorch {} Rust {}",
-        r["greedy_pytorch"],
-        r["greedy_rust"]
+        r["greedy_pytorch"], r["greedy_rust"]
     );
 }
 
@@ -161,7 +220,9 @@ fn prompt(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % vocab as u64) as u32
         })
         .collect()
@@ -185,14 +246,38 @@ fn tiny_hybrids_match_pytorch() -> Result<()> {
         window: 5,
     };
     let cases: Vec<(&str, Model)> = vec![
-        ("llama-empty", tiny_hybrid("tiny-llama", &[vec![], vec![]], Init::Attention)?.1),
-        ("llama-some", tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?.1),
-        ("llama-all-of-layer0", tiny_hybrid("tiny-llama", &[vec![0, 1], vec![]], Init::Random)?.1),
-        ("llama3-all", tiny_hybrid("tiny-llama3", &[vec![0, 1], vec![1]], Init::Attention)?.1),
-        ("qwen2-some", tiny_hybrid("tiny-qwen2", &[vec![1], vec![0, 1]], Init::Attention)?.1),
-        ("qwen2-random", tiny_hybrid("tiny-qwen2", &[vec![0], vec![]], Init::Random)?.1),
-        ("llama-windowed", tiny_local_hybrid("tiny-llama", &[vec![0], vec![0, 1]], local)?.1),
-        ("qwen2-windowed", tiny_local_hybrid("tiny-qwen2", &[vec![1], vec![0]], local)?.1),
+        (
+            "llama-empty",
+            tiny_hybrid("tiny-llama", &[vec![], vec![]], Init::Attention)?.1,
+        ),
+        (
+            "llama-some",
+            tiny_hybrid("tiny-llama", &[vec![0], vec![1]], Init::Attention)?.1,
+        ),
+        (
+            "llama-all-of-layer0",
+            tiny_hybrid("tiny-llama", &[vec![0, 1], vec![]], Init::Random)?.1,
+        ),
+        (
+            "llama3-all",
+            tiny_hybrid("tiny-llama3", &[vec![0, 1], vec![1]], Init::Attention)?.1,
+        ),
+        (
+            "qwen2-some",
+            tiny_hybrid("tiny-qwen2", &[vec![1], vec![0, 1]], Init::Attention)?.1,
+        ),
+        (
+            "qwen2-random",
+            tiny_hybrid("tiny-qwen2", &[vec![0], vec![]], Init::Random)?.1,
+        ),
+        (
+            "llama-windowed",
+            tiny_local_hybrid("tiny-llama", &[vec![0], vec![0, 1]], local)?.1,
+        ),
+        (
+            "qwen2-windowed",
+            tiny_local_hybrid("tiny-qwen2", &[vec![1], vec![0]], local)?.1,
+        ),
     ];
     let mut dirs = Vec::new();
     let mut expect = Vec::new();
@@ -217,7 +302,7 @@ fn tiny_hybrids_match_pytorch() -> Result<()> {
     }
     let results = pytorch_results(&py, tmp.path(), &dirs)?;
     for (r, (mixers, windowed)) in results.iter().zip(&expect) {
-        assert_parity(r, *mixers, *windowed);
+        assert_parity(r, *mixers, *windowed, TOL);
         assert!(r["checkpointing_grad_diff"].is_number(), "{r}");
     }
     // The plans did what they say: no mixer, some, windowed ones.
@@ -266,18 +351,22 @@ fn half_converted_smollm2_matches_pytorch() -> Result<()> {
         },
     )?;
     println!("converted in {:.1} s", t0.elapsed().as_secs_f64());
-    let ids = tok.encode(
-        "The weather in the village had been fine for a week, and Anne walked every morning to",
-        false,
-    )?;
+    let text =
+        "The weather in the village had been fine for a week, and Anne walked every morning to";
+    let ids = tok.encode(text, false)?;
     let d = tmp.path().join("smollm2-rf50");
     write_case(&h, Some(tok), &d, &ids, 12)?;
+    // The prompt as text, for AutoTokenizer to encode.
+    std::fs::write(
+        d.join("prompt.json"),
+        serde_json::json!({ "text": text, "ids": ids }).to_string(),
+    )?;
     let results = pytorch_results(&py, tmp.path(), &[d])?;
     let (mixers, windowed) = mixer_layers(&h);
     assert!(mixers >= 15, "{mixers} layers with mixers");
-    assert_parity(&results[0], mixers, windowed);
-    // AutoTokenizer loads the tokenizer the checkpoint carries.
-    assert!(results[0]["tokenizer"].is_string(), "{}", results[0]);
+    assert_parity(&results[0], mixers, windowed, REAL_F32_TOL);
+    // AutoTokenizer loads the tokenizer the checkpoint carries and encodes as this engine does.
+    assert_eq!(results[0]["tokenizer_ids_equal"], true, "{}", results[0]);
     Ok(())
 }
 
@@ -293,8 +382,22 @@ fn accelerate_training_on_two_cpu_processes_writes_a_checkpoint_rust_loads() -> 
     let accelerate = py.with_file_name("accelerate");
     let t0 = std::time::Instant::now();
     let o = python_cmd(&accelerate, tmp.path())
-        .args(["launch", "--cpu", "--num_processes", "2", "--num_machines", "1"])
-        .args(["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531"])
+        .args([
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+        ])
+        .args([
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29531",
+        ])
         .arg(root().join("python/recurformer_hf/train_accelerate.py"))
         .arg("--student")
         .arg(&sdir)
@@ -302,8 +405,24 @@ fn accelerate_training_on_two_cpu_processes_writes_a_checkpoint_rust_loads() -> 
         .arg(fixture("tiny-llama"))
         .arg("--byte-text")
         .arg(root().join("data/text/austen/emma.txt"))
-        .args(["--steps", "10", "--seq-len", "64", "--batch", "2", "--lr", "3e-3"])
-        .args(["--warmup", "2", "--ce-weight", "0.5", "--hidden-weight", "1"])
+        .args([
+            "--steps",
+            "10",
+            "--seq-len",
+            "64",
+            "--batch",
+            "2",
+            "--lr",
+            "3e-3",
+        ])
+        .args([
+            "--warmup",
+            "2",
+            "--ce-weight",
+            "0.5",
+            "--hidden-weight",
+            "1",
+        ])
         .arg("--out")
         .arg(&out)
         .arg("--log")
@@ -329,11 +448,16 @@ fn accelerate_training_on_two_cpu_processes_writes_a_checkpoint_rust_loads() -> 
     let (first, last) = (loss[..2].iter().sum::<f64>(), loss[8..].iter().sum::<f64>());
     println!("loss per step: {loss:?}");
     assert!(last < 0.9 * first, "the loss did not fall: {loss:?}");
-    assert!(steps.iter().all(|s| num(s, "hidden") > 0.0 && num(s, "ce") > 0.0));
+    assert!(steps
+        .iter()
+        .all(|s| num(s, "hidden") > 0.0 && num(s, "ce") > 0.0));
 
     // The engine loads what PyTorch wrote: mixers changed, everything else as it was.
     let trained = loader::load(&out)?.model;
-    let sec = trained.recurformer.as_ref().context("a RecurFormer checkpoint")?;
+    let sec = trained
+        .recurformer
+        .as_ref()
+        .context("a RecurFormer checkpoint")?;
     assert_eq!(sec.provenance.training.len(), 1);
     assert_eq!(sec.plan, student.recurformer.as_ref().unwrap().plan);
     let before = recurformer::checkpoint::save::named_tensors(&student);
@@ -352,6 +476,6 @@ fn accelerate_training_on_two_cpu_processes_writes_a_checkpoint_rust_loads() -> 
     let d = tmp.path().join("trained-case");
     write_case(&trained, None, &d, &prompt(70, 256, 9), 8)?;
     let r = pytorch_results(&py, tmp.path(), &[d])?;
-    assert_parity(&r[0], 2, 0);
+    assert_parity(&r[0], 2, 0, TOL);
     Ok(())
 }
