@@ -72,6 +72,16 @@ class RecurformerConfig(PretrainedConfig):
         self.recurformer = recurformer
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        # config.json names the base architecture in `model_type` (for the Rust engine); read it as
+        # `base_model_type`, so transformers does not take the checkpoint for another model's.
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") in ("llama", "mistral", "qwen2"):
+            config_dict = dict(config_dict)
+            config_dict["base_model_type"] = config_dict.pop("model_type")
+        return config_dict, kwargs
+
     def to_dict(self):
         out = super().to_dict()
         # Written back under the base architecture's name, which the Rust engine reads.
