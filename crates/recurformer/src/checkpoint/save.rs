@@ -8,6 +8,7 @@
 //!   implementation of `python/recurformer_hf/`, with an `auto_map` in config.json pointing at them,
 //!   so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the checkpoint
 //!   (DESIGN.md, "Interoperability"; issue 23). The Rust loader ignores both.
+//!
 //! `checkpoint::loader` reads it back.
 
 use crate::formats::config::ModelConfig;
