@@ -215,6 +215,13 @@ fn assert_parity(r: &serde_json::Value, mixers: usize, windowed: usize, f32_tol:
     );
 }
 
+/// A loopback port nobody listens on (for the processes' rendezvous).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// A deterministic prompt of `n` ids below `vocab` (a linear congruential sequence).
 fn prompt(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
     let mut s = seed;
@@ -386,7 +393,12 @@ fn accelerate_training_on_two_cpu_processes_writes_a_checkpoint_rust_loads() -> 
         // a gloo group on the CPU (`accelerate launch --cpu` would start only one).
         .args(["launch", "--multi_gpu", "--num_processes", "2"])
         .args(["--num_machines", "1", "--mixed_precision", "no"])
-        .args(["--dynamo_backend", "no", "--main_process_port", "29531"])
+        .args([
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            &free_port()?.to_string(),
+        ])
         .arg(root().join("python/recurformer_hf/train_accelerate.py"))
         .arg("--student")
         .arg(&sdir)
