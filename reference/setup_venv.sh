@@ -70,8 +70,9 @@ log "installing torch (large CUDA build, runs on CPU) and the rest of requiremen
 grep -E '^torch==' "$req" >/dev/null || die "requirements.txt has no torch pin"
 "$py" -m pip install "$(grep -E '^torch==' "$req")" || die "pip install torch failed"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
-# llama.cpp's default CPU build uses -march=native: right for a speed reference measured on the
-# machine that built it (the venv is per machine anyway).
+# llama.cpp's default CPU build uses -march=native, which faults (illegal instruction) on some
+# Intel Xeon machines with AMX; build it portable unless the caller passes its own CMAKE_ARGS.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 "$py" -m pip install -r "$req" || die "pip install -r $req failed"
 log "installed in $(( $(date +%s) - t0 )) s"
 

@@ -3,7 +3,12 @@
 //!   mixer hyper-parameters, initialisation, provenance; see `model::hybrid`);
 //! - `model.safetensors`: the base weights with the replaced heads' q/k/v rows removed, o_proj, the
 //!   MLPs and norms unchanged, and the mixer tensors under `model.layers.{l}.mixer.*`;
-//! - `tokenizer.json` (+ `tokenizer_config.json` with the chat template).
+//! - `tokenizer.json` (+ `tokenizer_config.json` with the chat template);
+//! - for a hybrid, `configuration_recurformer.py` and `modeling_recurformer.py`, the PyTorch
+//!   implementation of `python/recurformer_hf/`, with an `auto_map` in config.json pointing at them,
+//!   so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the checkpoint
+//!   (DESIGN.md, "Interoperability"; issue 23). The Rust loader ignores both.
+//!
 //! `checkpoint::loader` reads it back.
 
 use crate::formats::config::ModelConfig;
@@ -63,16 +68,39 @@ pub fn named_tensors(m: &Model) -> Vec<(String, Tensor)> {
     out
 }
 
-/// The config.json of a model: the base configuration plus, for a hybrid, the `recurformer` section.
+/// The transformers configuration file copied into every RecurFormer checkpoint.
+pub const HF_CONFIGURATION_PY: &str =
+    include_str!("../../../../python/recurformer_hf/configuration_recurformer.py");
+/// The transformers modeling file copied into every RecurFormer checkpoint.
+pub const HF_MODELING_PY: &str =
+    include_str!("../../../../python/recurformer_hf/modeling_recurformer.py");
+
+/// The remote-code files of a RecurFormer checkpoint: (file name, contents).
+pub const HF_CODE_FILES: [(&str, &str); 2] = [
+    ("configuration_recurformer.py", HF_CONFIGURATION_PY),
+    ("modeling_recurformer.py", HF_MODELING_PY),
+];
+
+/// config.json's `auto_map`: the classes transformers loads with `trust_remote_code=True`.
+pub fn hf_auto_map() -> serde_json::Value {
+    serde_json::json!({
+        "AutoConfig": "configuration_recurformer.RecurformerConfig",
+        "AutoModel": "modeling_recurformer.RecurformerModel",
+        "AutoModelForCausalLM": "modeling_recurformer.RecurformerForCausalLM",
+    })
+}
+
+/// The config.json of a model: the base configuration plus, for a hybrid, the `recurformer` section
+/// and the `auto_map` of its transformers code.
 pub fn config_json(
     cfg: &ModelConfig,
     section: Option<&RecurformerSection>,
 ) -> Result<serde_json::Value> {
     let mut v = cfg.to_hf_json();
     if let Some(s) = section {
-        v.as_object_mut()
-            .expect("config is an object")
-            .insert("recurformer".into(), serde_json::to_value(s)?);
+        let obj = v.as_object_mut().expect("config is an object");
+        obj.insert("recurformer".into(), serde_json::to_value(s)?);
+        obj.insert("auto_map".into(), hf_auto_map());
     }
     Ok(v)
 }
@@ -85,6 +113,11 @@ pub fn write_checkpoint_files(m: &Model, tokenizer: Option<&Tokenizer>, dir: &Pa
         &dir.join("config.json"),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
+    if m.recurformer.is_some() {
+        for (name, text) in HF_CODE_FILES {
+            io::write_file(&dir.join(name), text.as_bytes())?;
+        }
+    }
     io::write_safetensors(&named_tensors(m), &dir.join("model.safetensors"))?;
     if let Some(t) = tokenizer {
         t.save_hf(dir)?;
