@@ -255,17 +255,17 @@ impl Attention {
         let opts = ForwardOptions::default();
         let q = self
             .q_proj
-            .forward(x)?
+            .forward_rows(x)?
             .reshape((n, 1, nh, hd))?
             .transpose(1, 2)?; // (n, nh, 1, hd)
         let k = self
             .k_proj
-            .forward(x)?
+            .forward_rows(x)?
             .reshape((n, 1, nkv, hd))?
             .transpose(1, 2)?; // (n, nkv, 1, hd)
         let v = self
             .v_proj
-            .forward(x)?
+            .forward_rows(x)?
             .reshape((n, 1, nkv, hd))?
             .transpose(1, 2)?; // (n, nkv, 1, hd)
         let q = rope.apply(&q, cos, sin, &opts)?;

@@ -13,7 +13,7 @@
 use crate::formats::config::ModelConfig;
 use crate::formats::weights::Weights;
 use crate::model::attention::{Attention, LayerCtx};
-use crate::model::cache::{HybridCache, KvCache, LayerCache, RecurrentState, WindowKv};
+use crate::model::cache::{HybridCache, KvCache, LayerCache, WindowKv};
 use crate::model::hybrid::{MambaSettings, RecurformerSection};
 use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::mamba::MambaMixer;
@@ -253,27 +253,17 @@ impl DecoderLayer {
             parts.push(attn.heads_step_batch(rope, cos, sin, &h, &mut kvs)?); // (n, 1, kept*hd)
         }
         if let Some(mixer) = &self.mixer {
-            // The recurrent states of the n sequences stacked into one batch and split back.
-            let mut convs = Vec::with_capacity(n);
-            let mut ssms = Vec::with_capacity(n);
-            for c in caches.iter() {
+            // One step per sequence on its own state: the mixer's projections are small, and
+            // row by row they take the matrix-vector path (see `layers::matmul_rows`).
+            let mut ys = Vec::with_capacity(n);
+            for (i, c) in caches.iter_mut().enumerate() {
                 let st = c
                     .recurrent
-                    .as_ref()
+                    .as_mut()
                     .context("layer cache has no recurrent state for the mixer")?;
-                convs.push(st.conv.clone());
-                ssms.push(st.ssm.clone());
+                ys.push(mixer.step(&h.narrow(0, i, 1)?, st)?); // (1, 1, replaced*hd)
             }
-            let mut state = RecurrentState {
-                conv: Tensor::cat(&convs, 0)?, // (n, C_ch, K-1)
-                ssm: Tensor::cat(&ssms, 0)?,   // (n, heads, P, N)
-            };
-            let mut y = mixer.step(&h, &mut state)?; // (n, 1, replaced*hd)
-            for (i, c) in caches.iter_mut().enumerate() {
-                let st = c.recurrent.as_mut().context("checked above")?;
-                st.conv = state.conv.narrow(0, i, 1)?.contiguous()?;
-                st.ssm = state.ssm.narrow(0, i, 1)?.contiguous()?;
-            }
+            let mut y = Tensor::cat(&ys, 0)?; // (n, 1, replaced*hd)
             if let Some(local) = &self.local {
                 let mut wkvs = caches
                     .iter_mut()
@@ -293,9 +283,9 @@ impl DecoderLayer {
         } else {
             Tensor::cat(&parts, 2)?
         };
-        let x = (x + self.o_proj_run.forward(&o_in)?)?;
+        let x = (x + self.o_proj_run.forward_rows(&o_in)?)?;
         let h = self.post_attention_layernorm.forward(&x, &opts)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
+        Ok((&x + self.mlp.forward_rows(&h)?)?)
     }
 }
 
@@ -561,7 +551,8 @@ impl Model {
             c.seq_len += 1;
         }
         let h = self.norm.forward(&x, &ForwardOptions::default())?; // (n, 1, d)
-        Ok(self.logits(&h)?.squeeze(1)?) // (n, v)
+        let h = h.reshape((n, self.cfg.hidden_size))?; // (n, d)
+        crate::model::layers::matmul_rows(&h, &self.lm_head) // (n, v)
     }
 
     /// Hidden states (b, t, d) -> logits (b, t, v).

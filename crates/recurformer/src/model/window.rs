@@ -283,7 +283,7 @@ impl LocalAttention {
             );
         }
         let opts = ForwardOptions::default();
-        let (q, k, v) = self.qkv(x, rope, (cos, sin), &opts, &|l, x| l.forward(x))?; // (n, heads, 1, hd), (n, nkv, 1, hd) x2
+        let (q, k, v) = self.qkv(x, rope, (cos, sin), &opts, &|l, x| l.forward_rows(x))?; // (n, heads, 1, hd), (n, nkv, 1, hd) x2
         let LocalWindow { sinks, window } = self.settings;
         let mut outs = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
