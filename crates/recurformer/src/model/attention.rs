@@ -229,9 +229,9 @@ impl Attention {
     }
 
     /// One decode step of `n` sequences at once, each with its own cache: x (n, 1, d) ->
-    /// (n, 1, nh*hd). The projections run as one GEMM over the n rows (the weights are read once
-    /// for all sequences); rotary embedding uses each row's own position (`cos`, `sin` are
-    /// (n, 1, hd/2)); each row then attends over its own cache, whose length may differ.
+    /// (n, 1, nh*hd). The projections run row by row back to back (`layers::matmul_rows`);
+    /// rotary embedding uses each row's own position (`cos`, `sin` are (n, 1, hd/2)); each row
+    /// then attends over its own cache, whose length may differ.
     pub fn heads_step_batch(
         &self,
         rope: &Rope,

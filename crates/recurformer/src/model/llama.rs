@@ -226,10 +226,11 @@ impl DecoderLayer {
 
 impl DecoderLayer {
     /// One decode step of `n` sequences, each with its own layer cache: x (n, 1, d) -> (n, 1, d).
-    /// Every weight is read once for the n rows (norms, projections, o_proj, MLP, the mixer's
-    /// step); only attention over each sequence's own keys runs per row. `cos`, `sin` are
-    /// (n, 1, hd/2), each row at its own position. Same function as `forward` with t = 1 row by
-    /// row, up to the summation order of the GEMMs.
+    /// One pass through the layer for all rows: norms, residuals and activations run on the n
+    /// rows together, the projections row by row one right after another (`matmul_rows`, so
+    /// rows after the first find the weights in cache), attention and the mixer per sequence on
+    /// its own state. `cos`, `sin` are (n, 1, hd/2), each row at its own position. Same
+    /// function as `forward` with t = 1 for each row.
     fn forward_step_batch(
         &self,
         rope: &Rope,
@@ -490,8 +491,9 @@ impl Model {
 
     /// One decode step for several sequences, each with its own batch-1 cache (their lengths
     /// may differ): `tokens[i]` is appended to `caches[i]`; returns the next-token logits (n, v).
-    /// The weights are read once per step for all the sequences, which is what makes serving
-    /// several streams faster than running them one after another.
+    /// One pass through the layers for all the sequences: each layer's weights are fetched from
+    /// memory once per step and reused from cache for the other rows, which is what makes
+    /// serving several streams faster than running them one after another.
     pub fn forward_step_batch(
         &self,
         tokens: &[u32],

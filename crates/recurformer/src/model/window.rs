@@ -265,7 +265,7 @@ impl LocalAttention {
 
     /// One decode step of `n` sequences, each with its own window cache: x (n, 1, d) ->
     /// (n, 1, heads*hd); `cos`, `sin` (n, 1, hd/2) hold each row's own position. The projections
-    /// run once over the n rows, the windowed attention per row.
+    /// run row by row (`layers::matmul_rows`), the windowed attention per row.
     pub fn step_batch(
         &self,
         rope: &Rope,
