@@ -65,22 +65,21 @@ pub struct ServeArgs {
 /// "123", "64K", "512M", "2G" (binary multiples) -> bytes.
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: usize = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M or G)")),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
+    let (num, suffix) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], Some(c)),
+        _ => (t, None),
     };
     let n: f64 = num
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a byte count (examples: 1500000000, 512M, 2G)"))?;
+    let mult: usize = match suffix.map(|c| c.to_ascii_uppercase()) {
+        None => 1,
+        Some('K') => 1 << 10,
+        Some('M') => 1 << 20,
+        Some('G') => 1 << 30,
+        Some(c) => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M or G)")),
+    };
     if !(n > 0.0) || !n.is_finite() {
         return Err(format!("'{s}': the cache budget must be positive"));
     }

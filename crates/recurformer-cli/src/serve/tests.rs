@@ -985,3 +985,17 @@ fn a_recurformer_is_served_like_generate_runs_it() {
     });
     assert_eq!(s.metrics.requests_finished.get(), 2);
 }
+
+#[test]
+fn cache_memory_sizes_parse_with_binary_suffixes() {
+    use super::parse_bytes;
+    assert_eq!(parse_bytes("1500"), Ok(1500));
+    assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+    assert_eq!(parse_bytes("512m"), Ok(512 << 20));
+    assert_eq!(parse_bytes("1.5K"), Ok(1536));
+    assert!(parse_bytes("12X").unwrap_err().contains("suffix 'X'"));
+    assert!(parse_bytes("0").unwrap_err().contains("positive"));
+    assert!(parse_bytes("lots")
+        .unwrap_err()
+        .contains("not a byte count"));
+}
