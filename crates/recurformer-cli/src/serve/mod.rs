@@ -80,7 +80,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         Some('G') => 1 << 30,
         Some(c) => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M or G)")),
     };
-    if !(n > 0.0) || !n.is_finite() {
+    if !n.is_finite() || n <= 0.0 {
         return Err(format!("'{s}': the cache budget must be positive"));
     }
     Ok((n * mult as f64) as usize)
