@@ -114,3 +114,43 @@ fn batched_decode_step_refuses_mismatched_inputs() -> Result<()> {
     assert!(err.to_string().contains("more than one sequence"), "{err}");
     Ok(())
 }
+
+/// A forked cache (what `serve` keeps as a prefix snapshot) restored and fed the rest of a text
+/// gives the logits of a fresh prefill of the whole text, even after the original cache went on
+/// with other tokens: for the base model and hybrids with and without windowed heads.
+#[test]
+fn a_forked_cache_continues_like_a_fresh_prefill() -> Result<()> {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let ids: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let local = Some(LocalWindow {
+            sinks: 2,
+            window: 4,
+        });
+        for (what, m) in [
+            ("base", base.clone()),
+            ("mixer", hybrid(&base, None)?),
+            ("mixer + window", hybrid(&base, local)?),
+        ] {
+            let t = |x: &[u32]| -> Result<Tensor> { Ok(Tensor::new(x, &m.device)?.unsqueeze(0)?) };
+            let cut = 5;
+            let mut fresh = m.new_cache(1, ids.len());
+            let want = m
+                .forward(&t(&ids)?, &mut fresh)?
+                .narrow(1, cut, ids.len() - cut)?;
+            let mut original = m.new_cache(1, 8);
+            m.forward(&t(&ids[..cut])?, &mut original)?;
+            let mut snapshot = original.fork(cut)?;
+            // The original goes on with other tokens, in place, past the snapshot's position.
+            let other: Vec<u32> = ids[cut..].iter().rev().copied().collect();
+            m.forward(&t(&other)?, &mut original)?;
+            let got = m.forward(&t(&ids[cut..])?, &mut snapshot)?;
+            let d = max_abs_diff(&got, &want)?;
+            println!("{name} {what}: restored vs fresh prefill {d:.2e}");
+            assert!(d <= 1e-4, "{name} {what}: {d}");
+            assert_eq!(snapshot.bytes(), fresh.bytes());
+        }
+    }
+    Ok(())
+}
