@@ -12,6 +12,13 @@
 //! 3. runs one decode step of every sequence past its prompt as a single batched forward
 //!    (`Model::forward_step_batch`: the weights are read once for all of them).
 //!
+//! Prefix reuse (DESIGN.md, "Serving"): at the end of each prompt and of each generation the
+//! worker keeps a snapshot of the sequence's cache (`HybridCache::fork`) under its exact tokens,
+//! least recently used evicted first within `prefix_cache` bytes. A new request whose prompt
+//! extends a snapshot's tokens (the next turn of a chat) starts from a copy of it and prefills
+//! only the rest. A recurrent state cannot be rolled back, so only a snapshot taken at exactly
+//! a prefix of the prompt is used; otherwise the prompt is prefilled from the start.
+//!
 //! Tokens become text in the worker (incremental detokenisation, stop sequences held back until
 //! they can no longer match), so a stop sequence ends the sequence at the step it appears.
 
@@ -82,6 +89,8 @@ pub struct Limits {
     pub context: usize,
     pub kv_bytes_per_token: usize,
     pub state_bytes: usize,
+    /// Bytes of prefix snapshots kept; 0 turns prefix reuse off.
+    pub prefix_cache: usize,
 }
 
 impl Limits {
@@ -152,6 +161,7 @@ pub fn start(loaded: Arc<LoadedModel>, limits: Limits, metrics: Arc<Metrics>) ->
         waiting: VecDeque::new(),
         active: Vec::new(),
         reserved: 0,
+        snapshots: Snapshots::default(),
     };
     std::thread::Builder::new()
         .name("recurformer-engine".into())
@@ -182,6 +192,8 @@ struct Seq {
     reserved: usize,
     first_token_at: Option<Instant>,
     finished: bool,
+    /// Finished by an end token, a stop sequence or max_tokens (not cancelled, not failed).
+    completed: bool,
 }
 
 impl Seq {
@@ -262,6 +274,7 @@ impl Seq {
             },
         ));
         self.finished = true;
+        self.completed = true;
         metrics.requests_finished.inc();
         Ok(())
     }
@@ -276,6 +289,63 @@ struct Worker {
     active: Vec<Seq>,
     /// Sum of the active sequences' reservations.
     reserved: usize,
+    snapshots: Snapshots,
+}
+
+/// Cache snapshots by the exact tokens they hold.
+#[derive(Default)]
+struct Snapshots {
+    entries: Vec<Snapshot>,
+    bytes: usize,
+    clock: u64,
+}
+
+struct Snapshot {
+    tokens: Vec<u32>,
+    cache: HybridCache,
+    bytes: usize,
+    last_used: u64,
+}
+
+impl Snapshots {
+    /// Keeps a copy of `cache`, which holds exactly `tokens`, within `budget` bytes.
+    fn insert(&mut self, tokens: &[u32], cache: &HybridCache, budget: usize) -> Result<()> {
+        let bytes = cache.bytes().total();
+        if budget == 0 || bytes > budget || self.entries.iter().any(|e| e.tokens == tokens) {
+            return Ok(());
+        }
+        while self.bytes + bytes > budget {
+            let Some(lru) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used)
+            else {
+                break;
+            };
+            self.bytes -= self.entries.swap_remove(lru).bytes;
+        }
+        self.clock += 1;
+        self.entries.push(Snapshot {
+            tokens: tokens.to_vec(),
+            cache: cache.fork(tokens.len())?,
+            bytes,
+            last_used: self.clock,
+        });
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    /// A copy of the longest snapshot whose tokens are a proper prefix of `prompt` (at least
+    /// one prompt token is left to prefill, for the logits of the first new token), with KV room
+    /// for `capacity` tokens.
+    fn lookup(&mut self, prompt: &[u32], capacity: usize) -> Option<(usize, HybridCache)> {
+        let best = self
+            .entries
+            .iter_mut()
+            .filter(|e| e.tokens.len() < prompt.len() && prompt.starts_with(&e.tokens))
+            .max_by_key(|e| e.tokens.len())?;
+        self.clock += 1;
+        best.last_used = self.clock;
+        let cache = best.cache.fork(capacity).ok()?;
+        Some((best.tokens.len(), cache))
+    }
 }
 
 impl Worker {
@@ -355,11 +425,18 @@ impl Worker {
             self.metrics.prompt_tokens.add(job.prompt.len());
             let stops = StopFilter::new(job.stop.clone());
             self.reserved += need;
+            let (prefilled, cache) = match self.snapshots.lookup(&job.prompt, tokens) {
+                Some((n, cache)) => {
+                    self.metrics.prefix_reused_tokens.add(n);
+                    (n, cache)
+                }
+                None => (0, self.loaded.model.new_cache(1, tokens)),
+            };
             self.active.push(Seq {
-                cache: self.loaded.model.new_cache(1, tokens),
+                cache,
                 sampler,
                 history: job.prompt.clone(),
-                prefilled: 0,
+                prefilled,
                 pending: None,
                 generated: 0,
                 text: TextStream::default(),
@@ -367,6 +444,7 @@ impl Worker {
                 reserved: need,
                 first_token_at: None,
                 finished: false,
+                completed: false,
                 job,
             });
         }
@@ -407,6 +485,14 @@ impl Worker {
         match run() {
             Ok(logits) => {
                 seq.prefilled = end;
+                if logits.is_some() {
+                    if let Err(e) =
+                        self.snapshots
+                            .insert(&seq.job.prompt, &seq.cache, self.limits.prefix_cache)
+                    {
+                        eprintln!("serve: keeping a prefix snapshot failed: {e:#}");
+                    }
+                }
                 if let Some(l) = logits {
                     let tok = seq.sampler.sample(&l, &seq.history);
                     if let Err(e) = seq.accept(tok, tokenizer, &self.metrics) {
@@ -459,6 +545,22 @@ impl Worker {
     }
 
     fn retire(&mut self) {
+        // A sequence that ran to its end leaves a snapshot of everything fed to the model: the
+        // prompt and the answer up to its last token (sampled, not yet fed).
+        for s in &self.active {
+            if s.completed {
+                let fed = &s.history[..s.cache.seq_len.min(s.history.len())];
+                if fed.len() == s.cache.seq_len {
+                    if let Err(e) = self
+                        .snapshots
+                        .insert(fed, &s.cache, self.limits.prefix_cache)
+                    {
+                        eprintln!("serve: keeping a prefix snapshot failed: {e:#}");
+                    }
+                }
+            }
+        }
+        self.metrics.prefix_cache_bytes.set(self.snapshots.bytes);
         let mut freed = 0;
         self.active.retain(|s| {
             if s.finished {

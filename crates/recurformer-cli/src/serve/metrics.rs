@@ -85,6 +85,8 @@ pub struct Metrics {
     pub generated_tokens: Counter,
     /// Batched decode forwards, and the sequences they stepped (their ratio is the mean batch).
     pub decode_steps: Counter,
+    pub prefix_reused_tokens: Counter,
+    pub prefix_cache_bytes: Gauge,
     pub decode_rows: Counter,
     pub queue_length: Gauge,
     pub active_sequences: Gauge,
@@ -110,6 +112,8 @@ impl Default for Metrics {
             prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
             decode_steps: Counter::default(),
+            prefix_reused_tokens: Counter::default(),
+            prefix_cache_bytes: Gauge::default(),
             decode_rows: Counter::default(),
             queue_length: Gauge::default(),
             active_sequences: Gauge::default(),
@@ -199,6 +203,18 @@ impl Metrics {
             "counter",
             "Sequences stepped by batched decode forwards (divided by decode steps: the mean batch).",
             self.decode_rows.get(),
+        );
+        one(
+            "recurformer_prefix_reused_tokens_total",
+            "counter",
+            "Prompt tokens restored from prefix snapshots instead of prefilled.",
+            self.prefix_reused_tokens.get(),
+        );
+        one(
+            "recurformer_prefix_cache_bytes",
+            "gauge",
+            "Bytes held by prefix snapshots.",
+            self.prefix_cache_bytes.get(),
         );
         one(
             "recurformer_queue_length",

@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// of its prompt + max_tokens plus its constant recurrent state. Unlimited by default.
     #[arg(long, value_parser = parse_bytes)]
     pub cache_memory: Option<usize>,
+    /// Bytes of cache snapshots kept for prefix reuse (suffixes K, M, G); 0 turns it off. A
+    /// request whose prompt extends a kept prompt or conversation (the next turn of a chat)
+    /// prefills only its new tokens.
+    #[arg(long, value_parser = parse_size_or_zero, default_value = "256M")]
+    pub prefix_cache: usize,
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long)]
     pub api_key: Option<String>,
@@ -86,12 +91,22 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
     Ok((n * mult as f64) as usize)
 }
 
+/// `parse_bytes`, with 0 allowed.
+pub fn parse_size_or_zero(s: &str) -> Result<usize, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_bytes(s)
+    }
+}
+
 /// Engine settings taken from the command line.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     pub parallel: usize,
     pub queue: usize,
     pub cache_memory: Option<usize>,
+    pub prefix_cache: usize,
 }
 
 /// The name a model is served under: its file or directory name.
@@ -128,6 +143,7 @@ pub fn start_ready(
         context: m.cfg.max_position_embeddings,
         kv_bytes_per_token: kv,
         state_bytes: state,
+        prefix_cache: opts.prefix_cache,
     };
     if let Some(b) = opts.cache_memory {
         if b < limits.reservation(1) {
@@ -155,6 +171,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         parallel: a.parallel,
         queue: a.queue,
         cache_memory: a.cache_memory,
+        prefix_cache: a.prefix_cache,
     };
     if opts.parallel == 0 {
         bail!("--parallel 0: at least one sequence must be able to run");

@@ -39,6 +39,7 @@ fn opts(parallel: usize) -> EngineOptions {
         parallel,
         queue: 8,
         cache_memory: None,
+        prefix_cache: 0,
     }
 }
 
@@ -809,6 +810,7 @@ fn queue_full_and_cache_budget_are_enforced_and_disconnects_free_slots() {
                 parallel: 1,
                 queue: 1,
                 cache_memory: None,
+                prefix_cache: 0,
             },
             metrics.clone(),
         )
@@ -886,6 +888,7 @@ fn queue_full_and_cache_budget_are_enforced_and_disconnects_free_slots() {
                 parallel: 4,
                 queue: 4,
                 cache_memory: Some(budget),
+                prefix_cache: 0,
             },
             metrics.clone(),
         )
@@ -998,4 +1001,60 @@ fn cache_memory_sizes_parse_with_binary_suffixes() {
     assert!(parse_bytes("lots")
         .unwrap_err()
         .contains("not a byte count"));
+}
+
+#[test]
+fn the_next_chat_turn_reuses_the_cache_and_answers_as_without_it() {
+    let loaded = base();
+    let with = |prefix_cache| {
+        app_with(
+            loaded.clone(),
+            EngineOptions {
+                prefix_cache,
+                ..opts(1)
+            },
+        )
+    };
+    let (reuse, s) = with(64 << 20);
+    let (fresh, _) = with(0);
+    rt().block_on(async {
+        let first = chat_body("Name three colours.", 12);
+        let r = send(&reuse, post("/v1/chat/completions", &first))
+            .await
+            .json();
+        let first_prompt = r["usage"]["prompt_tokens"].as_u64().unwrap();
+        let answer = r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let second = json!({
+            "messages": [
+                {"role": "user", "content": "Name three colours."},
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "And three animals?"},
+            ],
+            "max_tokens": 12,
+            "temperature": 0,
+        });
+        let before = s.metrics.prefix_reused_tokens.get();
+        let a = send(&reuse, post("/v1/chat/completions", &second))
+            .await
+            .json();
+        let reused = s.metrics.prefix_reused_tokens.get() - before;
+        let prompt = a["usage"]["prompt_tokens"].as_u64().unwrap();
+        println!("second turn: {reused} of {prompt} prompt tokens restored");
+        // More than the first prompt: the snapshot taken at the end of the first answer.
+        assert!(
+            reused > first_prompt && reused < prompt,
+            "{reused} of {prompt}"
+        );
+        let b = send(&fresh, post("/v1/chat/completions", &second))
+            .await
+            .json();
+        assert_eq!(
+            a["choices"][0]["message"]["content"],
+            b["choices"][0]["message"]["content"]
+        );
+    });
+    assert!(s.metrics.prefix_cache_bytes.get() > 0);
 }
