@@ -266,6 +266,10 @@ impl Seq {
                     .observe(first.elapsed().as_secs_f64() / (self.generated - 1) as f64);
             }
         }
+        // Counted before the client hears of it, so a client that reads /metrics next sees it.
+        metrics.requests_finished.inc();
+        self.finished = true;
+        self.completed = true;
         self.send(Event::Done(
             reason,
             Usage {
@@ -273,9 +277,6 @@ impl Seq {
                 completion_tokens: self.generated,
             },
         ));
-        self.finished = true;
-        self.completed = true;
-        metrics.requests_finished.inc();
         Ok(())
     }
 }
