@@ -4,7 +4,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use recurformer::formats::io::shown_path;
 use recurformer::formats::tokenizer::ChatMessage;
-use recurformer::model::generate::{generate, GenerateRequest, Sampler, SamplingParams};
+use recurformer::model::generate::{
+    end_tokens, generate, GenerateRequest, Sampler, SamplingParams,
+};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ mod bench_cmd;
 mod demo_cmd;
 mod eval_cmd;
 mod plan_cmd;
+mod serve;
 mod train_cmd;
 
 #[derive(Parser)]
@@ -47,7 +50,7 @@ impl ThreadArgs {
 
 /// Options shared by every subcommand that loads one model.
 #[derive(Args, Clone)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a GGUF
     /// file. Defaults to the SmolLM2-135M-Instruct GGUF fetched by scripts/setup.sh.
     #[arg(long, short = 'm')]
@@ -57,12 +60,12 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.model
             .clone()
             .unwrap_or_else(recurformer::default_model_path)
     }
-    fn apply_threads(&self) {
+    pub(crate) fn apply_threads(&self) {
         self.threads.apply()
     }
 }
@@ -79,6 +82,9 @@ enum Command {
     },
     /// Generate text from a prompt (argument or stdin), streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streamed or
+    /// not): concurrent sequences decoded as one batch, a bounded queue, a cache-memory budget.
+    Serve(serve::ServeArgs),
     /// Measure time to first token, decode speed, cache bytes and peak memory at several context
     /// lengths for one or more models (ratios against the first), beside the PyTorch +
     /// transformers reference on the same weights and thread count; tables, JSON and plots.
@@ -248,6 +254,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info { model, json } => info(&model, json),
         Command::Generate(args) => generate_cmd(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench_cmd::bench_cmd(args),
         Command::BenchWorker(args) => bench_cmd::bench_worker(args),
         Command::Analyze(args) => analyze_cmd(args),
@@ -403,17 +410,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         (prompt, !a.no_bos)
     };
     let ids = tok.encode(&text, add_special)?;
-    let mut eos = loaded.model.cfg.eos_token_ids.clone();
-    if a.chat {
-        // Chat models end a turn with the template's end-of-turn token even when EOS differs.
-        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
-            if let Some(id) = tok.token_id(t) {
-                if !eos.contains(&id) {
-                    eos.push(id);
-                }
-            }
-        }
-    }
+    let eos = end_tokens(&loaded.model.cfg.eos_token_ids, tok, a.chat);
     let mut sampler = Sampler::new(SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

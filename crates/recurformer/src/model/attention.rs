@@ -228,6 +228,64 @@ impl Attention {
         Ok(o.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (b, t, nh*hd)
     }
 
+    /// One decode step of `n` sequences at once, each with its own cache: x (n, 1, d) ->
+    /// (n, 1, nh*hd). The projections run row by row back to back (`layers::matmul_rows`);
+    /// rotary embedding uses each row's own position (`cos`, `sin` are (n, 1, hd/2)); each row
+    /// then attends over its own cache, whose length may differ.
+    pub fn heads_step_batch(
+        &self,
+        rope: &Rope,
+        cos: &Tensor,
+        sin: &Tensor,
+        x: &Tensor,
+        kvs: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let (n, t, _) = x.dims3()?;
+        if t != 1 || kvs.len() != n {
+            bail!(
+                "a batched decode step takes one token per sequence: got {t} tokens for {n} rows \
+                 and {} caches",
+                kvs.len()
+            );
+        }
+        if self.window.is_some() {
+            bail!("attention restricted to a window has no batched decode step");
+        }
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let opts = ForwardOptions::default();
+        let q = self
+            .q_proj
+            .forward_rows(x)?
+            .reshape((n, 1, nh, hd))?
+            .transpose(1, 2)?; // (n, nh, 1, hd)
+        let k = self
+            .k_proj
+            .forward_rows(x)?
+            .reshape((n, 1, nkv, hd))?
+            .transpose(1, 2)?; // (n, nkv, 1, hd)
+        let v = self
+            .v_proj
+            .forward_rows(x)?
+            .reshape((n, 1, nkv, hd))?
+            .transpose(1, 2)?; // (n, nkv, 1, hd)
+        let q = rope.apply(&q, cos, sin, &opts)?;
+        let k = rope.apply(&k, cos, sin, &opts)?;
+        let mut outs = Vec::with_capacity(n);
+        for (i, kv) in kvs.iter_mut().enumerate() {
+            let (k_all, v_all) = kv.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?; // (1, nkv, s_i, hd)
+            let (o, _) = attention(AttentionInputs {
+                q: &q.narrow(0, i, 1)?,
+                k: &k_all,
+                v: &v_all,
+                opts: &opts,
+                want_probs: false,
+            })?; // (1, nh, 1, hd)
+            outs.push(o);
+        }
+        let o = Tensor::cat(&outs, 0)?; // (n, nh, 1, hd)
+        Ok(o.transpose(1, 2)?.reshape((n, 1, nh * hd))?) // (n, 1, nh*hd)
+    }
+
     /// Attention with the groups of `w` restricted to sinks + window and the others unrestricted:
     /// q (b, nh, t, hd), k / v (b, nkv, s, hd) -> (b, nh, t, hd). The two sets of heads are
     /// gathered apart and put back in head order; the gather copies the cache's keys and values

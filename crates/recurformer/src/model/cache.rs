@@ -55,6 +55,24 @@ impl KvCache {
         }
     }
 
+    /// An independent copy of the keys and values held, with room for `capacity` tokens. The
+    /// buffers are written in place by `append`, so a plain `clone` would share them: appending
+    /// to the clone would overwrite what the original appends next.
+    pub fn fork(&self, capacity: usize) -> Result<KvCache> {
+        let mut c = KvCache::new(
+            self.batch,
+            self.n_kv_heads,
+            self.head_dim,
+            capacity.max(self.len),
+        );
+        if let (Some(k), Some(v)) = (&self.k, &self.v) {
+            if self.len > 0 {
+                c.append(&k.narrow(2, 0, self.len)?, &v.narrow(2, 0, self.len)?)?;
+            }
+        }
+        Ok(c)
+    }
+
     /// Appends `k`, `v` of shape (b, n_kv, t, head_dim) and returns views of all keys and values
     /// so far, (b, n_kv, len, head_dim).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -276,6 +294,30 @@ impl HybridCache {
             }
         }
         b
+    }
+
+    /// A snapshot that continues independently of this cache, with KV room for `capacity`
+    /// tokens: the keys and values copied, the recurrent and window states shared (they are
+    /// replaced, never written in place, when a forward advances them). Restoring it and feeding
+    /// the rest of a text gives the logits of a fresh prefill of the whole text; a recurrent
+    /// state cannot be rolled back, so a snapshot is only good at exactly its own position.
+    pub fn fork(&self, capacity: usize) -> Result<HybridCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerCache {
+                    kv: l.kv.as_ref().map(|k| k.fork(capacity)).transpose()?,
+                    recurrent: l.recurrent.clone(),
+                    window: l.window.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HybridCache {
+            layers,
+            seq_len: self.seq_len,
+            device: self.device.clone(),
+        })
     }
 
     pub fn allocated_bytes(&self) -> usize {

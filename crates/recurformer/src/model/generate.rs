@@ -127,6 +127,22 @@ impl Sampler {
     }
 }
 
+/// The tokens that end an answer: the model's EOS ids and, in chat, the chat template's
+/// end-of-turn token (chat models end a turn with it even when their EOS differs).
+pub fn end_tokens(eos: &[u32], tok: &crate::formats::tokenizer::Tokenizer, chat: bool) -> Vec<u32> {
+    let mut out = eos.to_vec();
+    if chat {
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
+            if let Some(id) = tok.token_id(t) {
+                if !out.contains(&id) {
+                    out.push(id);
+                }
+            }
+        }
+    }
+    out
+}
+
 pub fn argmax(l: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in l.iter().enumerate() {

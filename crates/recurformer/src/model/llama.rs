@@ -224,6 +224,72 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// One decode step of `n` sequences, each with its own layer cache: x (n, 1, d) -> (n, 1, d).
+    /// One pass through the layer for all rows: norms, residuals and activations run on the n
+    /// rows together, the projections row by row one right after another (`matmul_rows`, so
+    /// rows after the first find the weights in cache), attention and the mixer per sequence on
+    /// its own state. `cos`, `sin` are (n, 1, hd/2), each row at its own position. Same
+    /// function as `forward` with t = 1 for each row.
+    fn forward_step_batch(
+        &self,
+        rope: &Rope,
+        cos: &Tensor,
+        sin: &Tensor,
+        x: &Tensor,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (n, _, _) = x.dims3()?;
+        let opts = ForwardOptions::default();
+        let h = self.input_layernorm.forward(x, &opts)?; // (n, 1, d)
+        let mut parts = Vec::with_capacity(2);
+        if let Some(attn) = &self.self_attn {
+            let mut kvs = caches
+                .iter_mut()
+                .map(|c| {
+                    c.kv.as_mut()
+                        .context("layer cache has no KV part for the kept heads")
+                })
+                .collect::<Result<Vec<_>>>()?;
+            parts.push(attn.heads_step_batch(rope, cos, sin, &h, &mut kvs)?); // (n, 1, kept*hd)
+        }
+        if let Some(mixer) = &self.mixer {
+            // One step per sequence on its own state: the mixer's projections are small, and
+            // row by row they take the matrix-vector path (see `layers::matmul_rows`).
+            let mut ys = Vec::with_capacity(n);
+            for (i, c) in caches.iter_mut().enumerate() {
+                let st = c
+                    .recurrent
+                    .as_mut()
+                    .context("layer cache has no recurrent state for the mixer")?;
+                ys.push(mixer.step(&h.narrow(0, i, 1)?, st)?); // (1, 1, replaced*hd)
+            }
+            let mut y = Tensor::cat(&ys, 0)?; // (n, 1, replaced*hd)
+            if let Some(local) = &self.local {
+                let mut wkvs = caches
+                    .iter_mut()
+                    .map(|c| {
+                        c.window
+                            .as_mut()
+                            .context("layer cache has no window part for the windowed heads")
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                y = (y + local.step_batch(rope, cos, sin, &h, &mut wkvs)?)?; // (n, 1, replaced*hd)
+            }
+            parts.push(y);
+        }
+        // (n, 1, nh*hd), heads ordered [kept..., replaced...] to match o_proj_run's columns.
+        let o_in = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, 2)?
+        };
+        let x = (x + self.o_proj_run.forward_rows(&o_in)?)?;
+        let h = self.post_attention_layernorm.forward(&x, &opts)?;
+        Ok((&x + self.mlp.forward_rows(&h)?)?)
+    }
+}
+
 /// o_proj with input columns ordered [kept heads..., replaced heads...].
 fn reorder_o_proj(o: &Linear, split: &HeadSplit, hd: usize) -> Result<Linear> {
     let nh = split.attention_heads.len() + split.mamba_heads.len();
@@ -421,6 +487,74 @@ impl Model {
         let h = self.forward_hidden(ids, cache, &ForwardOptions::default(), None)?;
         let t = h.dim(1)?;
         Ok(self.logits(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+
+    /// One decode step for several sequences, each with its own batch-1 cache (their lengths
+    /// may differ): `tokens[i]` is appended to `caches[i]`; returns the next-token logits (n, v).
+    /// One pass through the layers for all the sequences: each layer's weights are fetched from
+    /// memory once per step and reused from cache for the other rows, which is what makes
+    /// serving several streams faster than running them one after another.
+    pub fn forward_step_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut HybridCache],
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 || caches.len() != n {
+            bail!(
+                "batched decode step with {n} tokens and {} caches",
+                caches.len()
+            );
+        }
+        for (i, c) in caches.iter().enumerate() {
+            if c.layers.len() != self.layers.len() {
+                bail!(
+                    "cache {i} has {} layers, model has {}",
+                    c.layers.len(),
+                    self.layers.len()
+                );
+            }
+            if c.layers
+                .iter()
+                .any(|l| l.kv.as_ref().is_some_and(|k| k.batch != 1))
+            {
+                bail!(
+                    "cache {i} holds more than one sequence; a batched step takes batch-1 caches"
+                );
+            }
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((n, 1, self.cfg.hidden_size))?; // (n, 1, d)
+                                                         // Each row's rotary tables at its own position: (n, 1, hd/2).
+        let mut cos = Vec::with_capacity(n);
+        let mut sin = Vec::with_capacity(n);
+        for c in caches.iter() {
+            let (c_, s_) = self.rope.tables(c.seq_len, 1, &self.device)?; // (1, hd/2)
+            cos.push(c_);
+            sin.push(s_);
+        }
+        let cos = Tensor::stack(&cos, 0)?; // (n, 1, hd/2)
+        let sin = Tensor::stack(&sin, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut lcs: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            x = layer.forward_step_batch(&self.rope, &cos, &sin, &x, &mut lcs)?;
+        }
+        for c in caches.iter_mut() {
+            c.seq_len += 1;
+        }
+        let h = self.norm.forward(&x, &ForwardOptions::default())?; // (n, 1, d)
+        let h = h.reshape((n, self.cfg.hidden_size))?; // (n, d)
+        crate::model::layers::matmul_rows(&h, &self.lm_head) // (n, v)
     }
 
     /// Hidden states (b, t, d) -> logits (b, t, v).

@@ -263,6 +263,46 @@ impl LocalAttention {
             .reshape((b, t, self.n_heads * self.head_dim))?) // (b, t, n*hd)
     }
 
+    /// One decode step of `n` sequences, each with its own window cache: x (n, 1, d) ->
+    /// (n, 1, heads*hd); `cos`, `sin` (n, 1, hd/2) hold each row's own position. The projections
+    /// run row by row (`layers::matmul_rows`), the windowed attention per row.
+    pub fn step_batch(
+        &self,
+        rope: &Rope,
+        cos: &Tensor,
+        sin: &Tensor,
+        x: &Tensor,
+        caches: &mut [&mut WindowKv],
+    ) -> Result<Tensor> {
+        let (n, t, _) = x.dims3()?;
+        if t != 1 || caches.len() != n {
+            bail!(
+                "a batched decode step takes one token per sequence: got {t} tokens for {n} rows \
+                 and {} window caches",
+                caches.len()
+            );
+        }
+        let opts = ForwardOptions::default();
+        let (q, k, v) = self.qkv(x, rope, (cos, sin), &opts, &|l, x| l.forward_rows(x))?; // (n, heads, 1, hd), (n, nkv, 1, hd) x2
+        let LocalWindow { sinks, window } = self.settings;
+        let mut outs = Vec::with_capacity(n);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (k_all, v_all, layout) = cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+            outs.push(windowed_attention(
+                &q.narrow(0, i, 1)?,
+                &k_all,
+                &v_all,
+                layout,
+                sinks,
+                window,
+                false,
+            )?); // (1, heads, 1, hd)
+        }
+        let o = Tensor::cat(&outs, 0)?; // (n, heads, 1, hd)
+        Ok(o.transpose(1, 2)?
+            .reshape((n, 1, self.n_heads * self.head_dim))?) // (n, 1, heads*hd)
+    }
+
     /// Bytes the cache of these heads holds at most: `sinks + window - 1` tokens of keys and values.
     pub fn max_state_bytes(&self, batch: usize) -> usize {
         let LocalWindow { sinks, window } = self.settings;
