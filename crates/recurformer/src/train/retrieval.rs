@@ -241,15 +241,7 @@ impl<'a> RetrievalWindows<'a> {
             prev = *p;
         }
         ids.extend_from_slice(&filler[prev..]);
-        ids.extend_from_slice(&q);
-        let mut answer = vec![false; ids.len()];
-        ids.extend_from_slice(&ans);
-        answer.resize(ids.len(), true);
-        Ok(Some(SyntheticWindow {
-            ids,
-            answer,
-            kind: "facts",
-        }))
+        Ok(Some(ask(ids, &q, &ans, "facts")))
     }
 
     /// The first position at or after `p` (within 40 tokens) that follows a sentence end, else p.
@@ -297,16 +289,17 @@ impl<'a> RetrievalWindows<'a> {
         ids.extend_from_slice(&filler[..p]);
         ids.extend_from_slice(&list);
         ids.extend_from_slice(&filler[p..]);
-        ids.extend_from_slice(&q);
-        let mut answer = vec![false; ids.len()];
-        ids.extend_from_slice(&ans);
-        answer.resize(ids.len(), true);
-        Ok(Some(SyntheticWindow {
-            ids,
-            answer,
-            kind: "list",
-        }))
+        Ok(Some(ask(ids, &q, &ans, "list")))
     }
+}
+
+/// `ids` followed by the question `q` and its answer `ans`, the answer's tokens marked.
+fn ask(mut ids: Vec<u32>, q: &[u32], ans: &[u32], kind: &'static str) -> SyntheticWindow {
+    ids.extend_from_slice(q);
+    let mut answer = vec![false; ids.len()];
+    ids.extend_from_slice(ans);
+    answer.resize(ids.len(), true);
+    SyntheticWindow { ids, answer, kind }
 }
 
 /// The window's text with an earlier span of it repeated at the end: the first 4 tokens of the
