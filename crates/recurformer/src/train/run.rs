@@ -571,7 +571,12 @@ impl Run<'_, '_, '_> {
             let (mut loss, mut parts) = (0f64, Vec::<f64>::new());
             for a in 0..cfg.accum {
                 let mut owned: Vec<Vec<u32>> = Vec::with_capacity(cfg.batch);
-                let mut weights: Vec<f64> = Vec::with_capacity(cfg.batch * cfg.seq_len);
+                let n_weights = if retrieval.is_some() {
+                    cfg.batch * cfg.seq_len
+                } else {
+                    0
+                };
+                let mut weights: Vec<f64> = Vec::with_capacity(n_weights);
                 for _ in 0..cfg.batch {
                     let (start, _, _) = order.window(windows);
                     let base = &data.train[start..start + cfg.seq_len];
@@ -586,10 +591,11 @@ impl Run<'_, '_, '_> {
                             weights.extend(w.row_weights(cfg.answer_weight));
                             owned.push(w.ids);
                         }
-                        _ => {
+                        Some(_) => {
                             weights.extend(std::iter::repeat_n(1.0, cfg.seq_len));
                             owned.push(base.to_vec());
                         }
+                        None => owned.push(base.to_vec()),
                     }
                     windows += 1;
                 }
