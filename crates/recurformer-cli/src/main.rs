@@ -638,6 +638,8 @@ fn run_probes(
             key_digits: a.copy_key_digits,
             seed,
             haystack_files: haystack_files.iter().map(|f| shown_path(f)).collect(),
+            chat: false,
+            depth: recurformer::convert::passkey::PASSKEY_DEPTH,
         };
         let eos = model.cfg.eos_token_ids.first().copied();
         Some(passkey_cases(loaded.tokenizer()?, haystack, eos, &opts)?)

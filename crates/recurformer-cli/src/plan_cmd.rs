@@ -74,6 +74,16 @@ pub struct PlanArgs {
     /// Swap trials at most (0: measure the ceiling only).
     #[arg(long, default_value_t = 4)]
     pub max_swaps: usize,
+    /// Digits of the check's pass keys.
+    #[arg(long, default_value_t = 7)]
+    pub check_key_digits: usize,
+    /// Range of the needle's depth in the check's filler (two fractions, low first).
+    #[arg(long, num_args = 2, value_names = ["LO", "HI"], default_values_t = [0.0, 1.0])]
+    pub check_depth: Vec<f64>,
+    /// Frame the check's prompts as plain text instead of one user turn of the model's chat
+    /// template.
+    #[arg(long)]
+    pub check_plain: bool,
     /// Haystack text of the check prompts (files or directories; default: the calibration text,
     /// Austen without Persuasion).
     #[arg(long, value_name = "PATH")]
@@ -254,6 +264,9 @@ fn check(
         sinks: args.check_sinks,
         window: args.check_window,
         max_swaps: args.max_swaps,
+        key_digits: args.check_key_digits,
+        chat: !args.check_plain,
+        depth: [args.check_depth[0], args.check_depth[1]],
         ..CeilingSettings::default()
     };
     anyhow::ensure!(
@@ -279,11 +292,21 @@ fn check(
             key_digits: s.key_digits,
             seed: s.seed,
             haystack_files: files.iter().map(|f| shown_path(f)).collect(),
+            chat: s.chat,
+            depth: s.depth,
         },
     )?;
     eprintln!(
-        "check: {} passkey prompts of {} tokens ({}-digit keys, seed {}), restricted groups see {} sinks + {} recent keys",
-        s.prompts, s.prompt_len, s.key_digits, s.seed, s.sinks, s.window
+        "check: {} passkey prompts of {} tokens ({}-digit keys, depth {}..{}, {}, seed {}), restricted groups see {} sinks + {} recent keys",
+        s.prompts,
+        s.prompt_len,
+        s.key_digits,
+        s.depth[0],
+        s.depth[1],
+        if s.chat { "chat framing" } else { "plain text" },
+        s.seed,
+        s.sinks,
+        s.window
     );
     let t0 = std::time::Instant::now();
     let out = check_plan(base, &plan, report, &set, &s, &mut |m| {

@@ -214,6 +214,8 @@ fn passkey_prompts_and_probes_on_the_default_model() -> Result<()> {
         key_digits: 5,
         seed: 4,
         haystack_files: vec!["northanger_abbey.txt".into()],
+        chat: false,
+        depth: recurformer::convert::passkey::PASSKEY_DEPTH,
     };
     let set = passkey_cases(tok, &stream, Some(2), &opts)?;
     assert_eq!(set.cases.len(), 3);
@@ -243,6 +245,54 @@ fn passkey_prompts_and_probes_on_the_default_model() -> Result<()> {
         set.cases,
         passkey_cases(tok, &stream, Some(2), &opts)?.cases
     );
+
+    // Chat framing (the plan's check): one user turn of the template, the answer opening the
+    // assistant's turn; the needle's depth range is honoured and the prompt length is exact.
+    let chat = PasskeyOptions {
+        chat: true,
+        key_digits: 7,
+        prompt_len: 600,
+        depth: [0.0, 0.2],
+        ..opts.clone()
+    };
+    let early = passkey_cases(tok, &stream, Some(2), &chat)?.cases;
+    for c in &early {
+        assert_eq!(c.answer_start, 600);
+        let answer = &c.ids[c.answer_start..];
+        let sources: Vec<u32> = c.sources.iter().map(|&s| c.ids[s]).collect();
+        assert_eq!(sources, answer);
+        assert_eq!(tok.decode(answer, true)?.len(), 7);
+        let text = tok.decode(&c.ids[..c.answer_start], false)?;
+        let (system, user) = text.split_once("<|im_start|>user\n").unwrap();
+        assert!(system.contains("<|im_start|>system"), "{text}");
+        assert!(
+            user.ends_with(
+                "What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is "
+            ),
+            "{text}"
+        );
+    }
+    // The depth range is honoured: needles drawn from the first fifth of the filler lie before
+    // those drawn from the last fifth (a needle waits for a sentence end at most 64 tokens).
+    let late = passkey_cases(
+        tok,
+        &stream,
+        Some(2),
+        &PasskeyOptions {
+            depth: [0.8, 1.0],
+            ..chat.clone()
+        },
+    )?
+    .cases;
+    let last_early = early.iter().map(|c| c.sources[0]).max().unwrap();
+    let first_late = late.iter().map(|c| c.sources[0]).min().unwrap();
+    assert!(last_early < first_late, "{last_early} vs {first_late}");
+    let bad = PasskeyOptions {
+        depth: [0.5, 0.2],
+        ..opts.clone()
+    };
+    let err = passkey_cases(tok, &stream, Some(2), &bad).unwrap_err();
+    assert!(err.to_string().contains("depth range"), "{err}");
 
     let repeat = RepeatSet::generate(loaded.model.cfg.vocab_size, 1, 20, 3, 0)?;
     let probes = probe_heads(&loaded.model, Some(&repeat), Some(&set), &mut |_| {})?;

@@ -5,8 +5,8 @@
 //! group for the next candidate and keeps the swap when the ceiling rises.
 //!
 //! Which group to hand back first: the replaced groups ranked by the copy probe's soft mass (the
-//! attention they put on the key while the answer is produced, `convert::probes`), most first,
-//! then by lowest recency; what replaces it: the unprotected attention group with the highest
+//! attention they put on the key while the answer is produced, `convert::probes`) measured on the
+//! check's own prompts, most first, then by lowest recency; what replaces it: the unprotected attention group with the highest
 //! recency that keeps the per-layer minimum. The trials are greedy and capped (`max_swaps`), and
 //! every trial is recorded in plan.json, accepted or not.
 //!
@@ -26,9 +26,15 @@ use std::collections::BTreeSet;
 /// Per prompt: whether `model` predicts every answer token as the argmax, teacher forced (one
 /// forward per prompt, logits at the answer positions only).
 pub fn passkey_exact(model: &Model, set: &CopySet) -> Result<Vec<bool>> {
-    set.cases
+    passkey_exact_of(model, set, &(0..set.cases.len()).collect::<Vec<_>>())
+}
+
+/// [`passkey_exact`] of the prompts `which` only, in that order.
+pub fn passkey_exact_of(model: &Model, set: &CopySet, which: &[usize]) -> Result<Vec<bool>> {
+    which
         .iter()
-        .map(|c| {
+        .map(|&i| {
+            let c = &set.cases[i];
             let n = c.ids.len();
             let k = n - c.answer_start;
             let x = Tensor::new(c.ids.as_slice(), &model.device)?.unsqueeze(0)?; // (1, n)
@@ -60,14 +66,16 @@ pub fn check_plan(
     s: &CeilingSettings,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Plan> {
-    let base_correct = count(&passkey_exact(base, set)?);
-    // A plan that replaces nothing is the base model: its score is known.
-    let ceiling_of = |p: &Plan| -> Result<usize> {
+    let base_ok = passkey_exact(base, set)?;
+    let base_correct = count(&base_ok);
+    // Per prompt, whether the plan answers it. A plan that replaces nothing is the base model:
+    // its answers are known.
+    let answers_of = |p: &Plan| -> Result<Vec<bool>> {
         if p.replaced_groups() == 0 {
-            return Ok(base_correct);
+            return Ok(base_ok.clone());
         }
         let m = base.with_kv_window(p, s.sinks, s.window)?;
-        Ok(count(&passkey_exact(&m, set)?))
+        passkey_exact(&m, set)
     };
     progress(&format!(
         "base model: {base_correct} of {}",
@@ -75,7 +83,8 @@ pub fn check_plan(
     ));
     let mut cur = plan.clone();
     cur.ceiling = None;
-    let planned_correct = ceiling_of(&cur)?;
+    let mut cur_ok = answers_of(&cur)?;
+    let planned_correct = count(&cur_ok);
     progress(&format!(
         "plan, groups restricted to {} sinks + {} recent keys: {planned_correct} of {}",
         s.sinks,
@@ -84,23 +93,37 @@ pub fn check_plan(
     ));
     let mut cur_correct = planned_correct;
 
-    // Candidates to hand back: replaced groups, most copy mass first, then lowest recency.
+    // Candidates to hand back: replaced groups, most copy mass first, then lowest recency. The
+    // copy mass is measured on the check's own prompts (the base model's attention on the key
+    // while it answers), where the analysis report's probe ran on shorter, plainer prompts; the
+    // report's score is the fallback when the check's prompts cannot be probed.
     let recency: std::collections::HashMap<(usize, usize), f64> = report
         .group_scores()
         .into_iter()
         .map(|(l, g, r)| ((l, g), r))
         .collect();
-    let copy_mass: std::collections::HashMap<(usize, usize), f64> = report
-        .probes
-        .as_ref()
-        .filter(|p| p.probes().contains(&Probe::CopyMass))
-        .map(|p| {
-            p.group_scores(Probe::CopyMass)
+    let copy_mass: std::collections::HashMap<(usize, usize), f64> =
+        if cur_correct < base_correct && s.max_swaps > 0 {
+            progress("probing the base model's copy mass on the check's prompts");
+            let probed = crate::convert::probes::probe_heads(base, None, Some(set), &mut |_| {})?;
+            probed
+                .group_scores(Probe::CopyMass)
                 .into_iter()
                 .map(|(l, g, x)| ((l, g), x))
                 .collect()
-        })
-        .unwrap_or_default();
+        } else {
+            report
+                .probes
+                .as_ref()
+                .filter(|p| p.probes().contains(&Probe::CopyMass))
+                .map(|p| {
+                    p.group_scores(Probe::CopyMass)
+                        .into_iter()
+                        .map(|(l, g, x)| ((l, g), x))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
     let key = |lg: &(usize, usize)| -> (f64, f64) {
         (
             copy_mass.get(lg).copied().unwrap_or(0.0),
@@ -157,15 +180,33 @@ pub fn check_plan(
         trial_sets[out.0].retain(|&g| g != out.1);
         trial_sets[into.0].push(into.1);
         let trial = Plan::from_mamba_sets(cur.shape, cur.rule.clone(), &trial_sets);
-        let correct = ceiling_of(&trial)?;
-        let accepted = correct > cur_correct;
+        // The count can only rise through a prompt the plan misses: score those first, and the
+        // rest only when one of them is answered.
+        let m = base.with_kv_window(&trial, s.sinks, s.window)?;
+        let (missed, answered): (Vec<usize>, Vec<usize>) =
+            (0..set.cases.len()).partition(|&i| !cur_ok[i]);
+        let gained = passkey_exact_of(&m, set, &missed)?;
+        let (correct, trial_ok) = if gained.iter().any(|&x| x) {
+            let kept = passkey_exact_of(&m, set, &answered)?;
+            let mut ok = vec![false; set.cases.len()];
+            for (&i, &x) in missed.iter().zip(&gained).chain(answered.iter().zip(&kept)) {
+                ok[i] = x;
+            }
+            (Some(count(&ok)), Some(ok))
+        } else {
+            (None, None)
+        };
+        let accepted = correct.is_some_and(|c| c > cur_correct);
         progress(&format!(
-            "swap L{}G{} -> L{}G{}: {correct} of {} ({})",
+            "swap L{}G{} -> L{}G{}: {} ({})",
             out.0,
             out.1,
             into.0,
             into.1,
-            set.cases.len(),
+            match correct {
+                Some(c) => format!("{c} of {}", set.cases.len()),
+                None => format!("none of the {} missed prompts answered", missed.len()),
+            },
             if accepted { "kept" } else { "undone" }
         ));
         swaps.push(SwapTrial {
@@ -177,7 +218,8 @@ pub fn check_plan(
         if accepted {
             handed_back.insert(out);
             cur = trial;
-            cur_correct = correct;
+            cur_ok = trial_ok.expect("an accepted trial was scored in full");
+            cur_correct = count(&cur_ok);
         }
     }
     cur.ceiling = Some(CeilingCheck {

@@ -13,8 +13,9 @@
 //! token j.
 
 use crate::convert::probes::{CopyCase, CopySet, CopySettings};
+use crate::formats::tokenizer::ChatMessage;
 use crate::formats::tokenizer::Tokenizer;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
 /// Opens the prompt (encoded with the tokenizer's special tokens, BOS where it asks for one).
@@ -24,6 +25,13 @@ pub const PASSKEY_INTRO: &str =
 pub const PASSKEY_NEEDLE: &str = " The pass key is {key}. Remember it.";
 /// Closes the prompt; the answer (the key's tokens) follows it directly.
 pub const PASSKEY_QUESTION: &str = "\n\nWhat is the pass key? The pass key is ";
+/// With chat framing: the question closes the user's turn ...
+pub const PASSKEY_CHAT_QUESTION: &str = "\n\nWhat is the pass key?";
+/// ... and the assistant's turn opens with this, the key's tokens directly after.
+pub const PASSKEY_CHAT_ANSWER: &str = "The pass key is ";
+
+/// Where the needle may go, as fractions of the filler: [`PasskeyOptions::depth`]'s default.
+pub const PASSKEY_DEPTH: [f64; 2] = [0.1, 0.9];
 
 /// Options of [`passkey_cases`].
 #[derive(Debug, Clone)]
@@ -35,11 +43,44 @@ pub struct PasskeyOptions {
     pub seed: u64,
     /// Names of the haystack files (recorded in the report).
     pub haystack_files: Vec<String>,
+    /// Frame the prompt as one user turn of the model's chat template (system prompt included
+    /// where the template writes one), the answer opening the assistant's turn.
+    pub chat: bool,
+    /// The needle's depth is drawn uniformly from this range of the filler ([`PASSKEY_DEPTH`]).
+    pub depth: [f64; 2],
+}
+
+/// Token pieces that frame the haystack: before it, and after it up to the key's answer.
+fn framing(tok: &Tokenizer, chat: bool) -> Result<(Vec<u32>, Vec<u32>)> {
+    if !chat {
+        return Ok((
+            tok.encode(PASSKEY_INTRO, true)?,
+            tok.encode(PASSKEY_QUESTION, false)?,
+        ));
+    }
+    const MARK: &str = "\u{1}PASSKEY-BODY\u{1}";
+    let content = format!("{PASSKEY_INTRO}{MARK}{PASSKEY_CHAT_QUESTION}");
+    let rendered = tok.apply_chat_template(
+        &[ChatMessage {
+            role: "user".into(),
+            content,
+        }],
+        true,
+    )?;
+    let (before, after) = rendered.split_once(MARK).with_context(|| {
+        "passkey prompts: the chat template does not copy the user message verbatim; run the \
+         check without chat framing"
+    })?;
+    // The template writes any BOS itself.
+    Ok((
+        tok.encode(before, false)?,
+        tok.encode(&format!("{after}{PASSKEY_CHAT_ANSWER}"), false)?,
+    ))
 }
 
 /// `prompts` passkey prompts of exactly `prompt_len` tokens plus the answer, cut from
 /// `haystack` (a token stream of prose; windows holding `eos` are redrawn). The needle goes after
-/// the first sentence end at or past a depth drawn uniformly from [0.1, 0.9] of the filler.
+/// the first sentence end at or past a depth drawn uniformly from `o.depth` of the filler.
 pub fn passkey_cases(
     tok: &Tokenizer,
     haystack: &[u32],
@@ -56,9 +97,12 @@ pub fn passkey_cases(
     let (before, after) = PASSKEY_NEEDLE
         .split_once("{key}")
         .expect("the needle names {key}");
-    let intro = tok.encode(PASSKEY_INTRO, true)?;
+    let [d0, d1] = o.depth;
+    if !(0.0..=1.0).contains(&d0) || !(0.0..=1.0).contains(&d1) || d0 > d1 {
+        bail!("passkey prompts: the depth range {d0}..{d1} must lie within 0..1, low end first");
+    }
+    let (intro, question) = framing(tok, o.chat)?;
     let (nb, na) = (tok.encode(before, false)?, tok.encode(after, false)?);
-    let question = tok.encode(PASSKEY_QUESTION, false)?;
     let ends: Vec<u32> = [".", "!", "?"]
         .iter()
         .filter_map(|s| tok.encode(s, false).ok())
@@ -97,7 +141,11 @@ pub fn passkey_cases(
             start = rng.random_range(0..=haystack.len() - body_len);
         }
         let body = &haystack[start..start + body_len];
-        let depth: f64 = rng.random_range(0.1..0.9);
+        let depth: f64 = if d1 > d0 {
+            rng.random_range(d0..d1)
+        } else {
+            d0
+        };
         let at = (depth * body_len as f64).round() as usize;
         // After the next sentence end within 64 tokens, else at the depth itself.
         let cut = (at..body_len.min(at + 64))

@@ -250,6 +250,16 @@ pub struct CeilingSettings {
     pub window: usize,
     /// Swap trials at most (0: measure only).
     pub max_swaps: usize,
+    /// The prompts are framed by the model's chat template (`convert::passkey`).
+    #[serde(default)]
+    pub chat: bool,
+    /// Range of the needle's depth in the filler.
+    #[serde(default = "default_check_depth")]
+    pub depth: [f64; 2],
+}
+
+fn default_check_depth() -> [f64; 2] {
+    crate::convert::passkey::PASSKEY_DEPTH
 }
 
 impl Default for CeilingSettings {
@@ -262,6 +272,8 @@ impl Default for CeilingSettings {
             sinks: 4,
             window: 32,
             max_swaps: 4,
+            chat: false,
+            depth: crate::convert::passkey::PASSKEY_DEPTH,
         }
     }
 }
@@ -271,8 +283,9 @@ impl Default for CeilingSettings {
 pub struct SwapTrial {
     pub out: (usize, usize),
     pub into: (usize, usize),
-    /// Prompts answered exactly with the swap.
-    pub correct: usize,
+    /// Prompts answered exactly with the swap; `None` when the trial was stopped after the
+    /// prompts the plan missed, none of which it answered (so it could not raise the count).
+    pub correct: Option<usize>,
     pub accepted: bool,
 }
 
