@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use recurformer::eval::bench::BenchPoint;
 use recurformer::formats::io::shown_path;
+use recurformer::model::quant::WeightFormat;
 use recurformer::report::{line_chart, LineChart, Series};
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,10 @@ pub(crate) struct BenchArgs {
     /// ttft.png (decode speed, cache bytes and time to first token against context length).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Weight formats to measure each model in (`f32`, `q8_0`, `q4_0`, `q4_k`, ...; see
+    /// `generate --weights`): every model runs once per format, in its own child process.
+    #[arg(long, num_args = 1.., default_values_t = [WeightFormat::F32], value_parser = crate::parse_weights)]
+    pub weights: Vec<WeightFormat>,
     /// Grow one cache through the contexts instead of prefilling each from scratch (much faster
     /// at long contexts; prefill tok/s is then per segment and no time to first token is
     /// reported). Decode figures are unaffected.
@@ -51,6 +56,8 @@ pub(crate) struct BenchArgs {
 pub(crate) struct BenchWorkerArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    weights: crate::WeightArgs,
     #[arg(long, num_args = 1..)]
     contexts: Vec<usize>,
     #[arg(long)]
@@ -75,7 +82,8 @@ struct WorkerReport {
 pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
     use recurformer::eval::bench::{bench_point, tokens_at_least};
     a.model.apply_threads();
-    let loaded = recurformer::checkpoint::loader::load(&a.model.path())?;
+    let mut loaded = recurformer::checkpoint::loader::load(&a.model.path())?;
+    a.weights.apply(&mut loaded.model)?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
     let max_ctx = a.contexts.iter().copied().max().unwrap_or(0);
@@ -127,10 +135,28 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let models = if a.models.is_empty() {
+    let paths = if a.models.is_empty() {
         vec![recurformer::default_model_path()]
     } else {
         a.models.clone()
+    };
+    if a.weights.is_empty() {
+        anyhow::bail!("--weights: give at least one weight format");
+    }
+    // Every model in every weight format, model-major; a name shows the format only when several
+    // are measured.
+    let runs: Vec<(PathBuf, WeightFormat)> = paths
+        .iter()
+        .flat_map(|p| a.weights.iter().map(move |&w| (p.clone(), w)))
+        .collect();
+    let models: Vec<PathBuf> = runs.iter().map(|(p, _)| p.clone()).collect();
+    let label = |i: usize| -> String {
+        let (p, w) = &runs[i];
+        if a.weights.len() > 1 {
+            format!("{} [{w}]", short_name(p))
+        } else {
+            short_name(p)
+        }
     };
     if a.contexts.is_empty() {
         anyhow::bail!("--contexts: give at least one context length");
@@ -141,12 +167,14 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         .unwrap_or_else(|| recurformer::repo_root().join("data/text/austen/emma.txt"));
     let exe = std::env::current_exe().context("locating the recurformer binary")?;
     let mut reports: Vec<WorkerReport> = Vec::new();
-    for m in &models {
-        eprintln!("measuring {} ...", m.display());
+    for (m, w) in &runs {
+        eprintln!("measuring {} ({w} weights) ...", m.display());
         let out = std::process::Command::new(&exe)
             .arg("bench-worker")
             .arg("--model")
             .arg(m)
+            .arg("--weights")
+            .arg(w.name())
             .arg("--threads")
             .arg(threads.to_string())
             .arg("--decode-steps")
@@ -229,11 +257,11 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
     );
     for (ci, &c) in a.contexts.iter().enumerate() {
         let base = &ours[0][ci];
-        for (m, pts) in models.iter().zip(&ours) {
+        for (i, pts) in ours.iter().enumerate() {
             let p = &pts[ci];
             md.push_str(&format!(
                 "| {c} | {} | {} | {:.1} | {:.2} | {:.2}x | {} | {:.3} | {} |\n",
-                short_name(m),
+                label(i),
                 p.ttft_s
                     .map(|t| format!("{t:.2}"))
                     .unwrap_or_else(|| "-".into()),
@@ -277,6 +305,7 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let v = serde_json::json!({
             "models": models.iter().map(|m| shown_path(m)).collect::<Vec<_>>(),
+            "weights": runs.iter().map(|(_, w)| w.name()).collect::<Vec<_>>(),
             "threads": threads, "decode_steps": a.decode_steps, "repeats": a.repeats,
             "incremental": a.incremental, "contexts": a.contexts, "text": shown_path(&text_path),
             "recurformer": ours,
@@ -288,7 +317,7 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
             serde_json::to_string_pretty(&v)?.as_bytes(),
         )?;
         recurformer::formats::io::write_atomic(&dir.join("bench.md"), md.as_bytes())?;
-        let names: Vec<String> = models.iter().map(|m| short_name(m)).collect();
+        let names: Vec<String> = (0..runs.len()).map(label).collect();
         let layouts: Vec<(usize, usize)> = reports
             .iter()
             .map(|r| (r.kv_bytes_per_token, r.state_bytes))

@@ -208,8 +208,10 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                 .flag("--min-attention-groups-per-layer", &[1])
                 .path("--out", &ps.plan)
                 .path("--heatmap", &ps.plan_png)
-                // The causal check: passkeys with the planned groups restricted to the window the
-                // windowed heads will keep; groups that cost passkeys are traded back.
+                // The causal check: chat-framed passkeys with the planned groups restricted to the
+                // window the windowed heads will keep. It reports the ceiling without swap trials:
+                // on this model single swaps answered none of the prompts the plan misses while
+                // their copy-mass pass costs minutes (BENCHMARKS.md, "A check that sees the loss").
                 .path("--check-model", base)
                 .flag(
                     "--check-window",
@@ -220,7 +222,7 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                     }],
                 )
                 .sizes(
-                    &[],
+                    &["--max-swaps", "0"],
                     &[
                         "--check-prompts",
                         "2",
@@ -901,12 +903,13 @@ fn report(
         let st = &c.settings;
         md.push_str(&format!(
             "\nCausal check before training: the base model with the planned groups restricted to \
-             {} sink tokens + {} recent keys answers {} of {} held-out passkeys of {} tokens \
-             exactly (base {}); {} trade(s) tried, {} kept ({} with the plan as chosen).\n",
+             {} sink tokens + {} recent keys answers {} of {} held-out {} passkeys of {} \
+             tokens exactly (base {}); {} trade(s) tried, {} kept ({} with the plan as chosen).\n",
             st.sinks,
             st.window,
             c.final_correct,
             st.prompts,
+            if st.chat { "chat-framed" } else { "plain-text" },
             st.prompt_len,
             c.base_correct,
             c.swaps.len(),

@@ -9,6 +9,7 @@ use crate::human_bytes;
 use anyhow::{bail, Result};
 use clap::Args;
 use recurformer::formats::io::shown_path;
+use recurformer::model::quant::WeightFormat;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -77,21 +78,44 @@ pub(crate) struct EvalArgs {
     /// Sink tokens the restricted groups keep seeing beside their window.
     #[arg(long, default_value_t = 4)]
     pub kv_sinks: usize,
+    /// Weight formats (`generate --weights`): every model is evaluated once per format, model by
+    /// model, so the quality of quantised weights sits beside f32 in one table.
+    #[arg(long, num_args = 1.., default_values_t = [WeightFormat::F32], value_parser = crate::parse_weights)]
+    pub weights: Vec<WeightFormat>,
 }
 
-/// One model to evaluate: a path, or the first model restricted to a window on a plan's groups.
+/// One model to evaluate: a path, or the first model restricted to a window on a plan's groups,
+/// in a weight format.
 struct ModelEntry {
     path: PathBuf,
     window: Option<usize>,
+    weights: WeightFormat,
+    /// Whether names show the weight format (several formats evaluated).
+    show_weights: bool,
 }
 
 impl ModelEntry {
     /// The name reports use.
     fn name(&self) -> String {
-        match self.window {
+        let mut n = match self.window {
             None => shown_path(&self.path),
             Some(w) => format!("{} [window {w} on plan]", shown_path(&self.path)),
+        };
+        if self.show_weights {
+            n.push_str(&format!(" [{}]", self.weights));
         }
+        n
+    }
+
+    fn short(&self) -> String {
+        let mut n = match self.window {
+            None => short_name(&self.path),
+            Some(w) => format!("{} [window {w}]", short_name(&self.path)),
+        };
+        if self.show_weights {
+            n.push_str(&format!(" [{}]", self.weights));
+        }
+        n
     }
 }
 
@@ -106,17 +130,25 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     } else {
         a.models.clone()
     };
-    let mut models: Vec<ModelEntry> = paths
+    if a.weights.is_empty() {
+        bail!("--weights: give at least one weight format");
+    }
+    let show_weights = a.weights.len() > 1;
+    let mut models: Vec<ModelEntry> = Vec::new();
+    let sources = paths
         .iter()
-        .map(|p| ModelEntry {
-            path: p.clone(),
-            window: None,
-        })
-        .collect();
-    models.extend(a.kv_window.iter().map(|&w| ModelEntry {
-        path: paths[0].clone(),
-        window: Some(w),
-    }));
+        .map(|p| (p.clone(), None))
+        .chain(a.kv_window.iter().map(|&w| (paths[0].clone(), Some(w))));
+    for (path, window) in sources {
+        for &weights in &a.weights {
+            models.push(ModelEntry {
+                path: path.clone(),
+                window,
+                weights,
+                show_weights,
+            });
+        }
+    }
     for t in &a.tasks {
         if !TASKS.contains(&t.as_str()) {
             bail!("unknown task {t:?} (available: {})", TASKS.join(", "));
@@ -208,11 +240,12 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         if let (Some(w), Some(plan)) = (me.window, window_plan.as_ref()) {
             loaded.model = loaded.model.with_kv_window(plan, a.kv_sinks, w)?;
         }
+        crate::WeightArgs {
+            weights: me.weights,
+        }
+        .apply(&mut loaded.model)?;
         let m = &loaded.model;
-        let short = match me.window {
-            None => short_name(path),
-            Some(w) => format!("{} [window {w}]", short_name(path)),
-        };
+        let short = me.short();
         let mut entry = json!({"model": me.name()});
         if has("perplexity") {
             let tokens = token_stream(&docs, loaded.tokenizer()?, None)?;

@@ -70,6 +70,46 @@ impl ModelArgs {
     }
 }
 
+/// The weight format of an inference run (`model::quant`).
+#[derive(Args, Clone, Debug)]
+pub(crate) struct WeightArgs {
+    /// Weights of the linear layers and the LM head at inference: `f32`, or a GGML block format
+    /// made on load (`q8_0`, `q4_0`, `q4_k`, `q5_k`, `q6_k`); a layer whose input size is not a
+    /// multiple of the format's block stays f32. Speed and perplexity of each: BENCHMARKS.md.
+    #[arg(long, default_value = "f32", value_parser = parse_weights)]
+    pub(crate) weights: recurformer::model::quant::WeightFormat,
+}
+
+pub(crate) fn parse_weights(s: &str) -> Result<recurformer::model::quant::WeightFormat, String> {
+    recurformer::model::quant::WeightFormat::parse(s).map_err(|e| e.to_string())
+}
+
+impl WeightArgs {
+    /// Quantises `model` as asked, saying what it did on stderr.
+    pub(crate) fn apply(&self, model: &mut recurformer::model::llama::Model) -> Result<()> {
+        let s = model.quantize(self.weights)?;
+        if s.quantized > 0 || !s.kept_f32.is_empty() {
+            eprintln!(
+                "weights: {} matrices in {} ({} of matmul weights read per token, {} in f32){}",
+                s.quantized,
+                self.weights,
+                human_bytes(s.bytes_after as f64),
+                human_bytes(s.bytes_f32 as f64),
+                if s.kept_f32.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} left in f32 (input size not a multiple of the block): {}",
+                        s.kept_f32.len(),
+                        s.kept_f32.join(", ")
+                    )
+                }
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print a model's architecture, parameter count, heads and KV-cache bytes per token.
@@ -210,6 +250,8 @@ struct ProbeArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// The prompt; read from stdin when absent.
     prompt: Option<String>,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -380,7 +422,8 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     a.model.apply_threads();
     let path = a.model.path();
-    let loaded = recurformer::checkpoint::loader::load(&path)?;
+    let mut loaded = recurformer::checkpoint::loader::load(&path)?;
+    a.weights.apply(&mut loaded.model)?;
     let tok = loaded.tokenizer()?;
     let prompt = match a.prompt {
         Some(p) => p,

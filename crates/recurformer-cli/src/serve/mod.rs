@@ -32,6 +32,8 @@ use std::sync::{Arc, OnceLock};
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub weights: crate::WeightArgs,
     /// Address to listen on. The default answers only this machine; give 0.0.0.0 to expose the
     /// server (and then set --api-key).
     #[arg(long, default_value = "127.0.0.1")]
@@ -116,9 +118,15 @@ pub fn model_id(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// Loads the model at `path` and starts its engine.
-pub fn load_ready(path: &Path, opts: EngineOptions, metrics: Arc<Metrics>) -> Result<Ready> {
-    let loaded: LoadedModel = recurformer::checkpoint::loader::load(path)?;
+/// Loads the model at `path` in the weight format `weights` and starts its engine.
+pub fn load_ready(
+    path: &Path,
+    weights: &crate::WeightArgs,
+    opts: EngineOptions,
+    metrics: Arc<Metrics>,
+) -> Result<Ready> {
+    let mut loaded: LoadedModel = recurformer::checkpoint::loader::load(path)?;
+    weights.apply(&mut loaded.model)?;
     start_ready(Arc::new(loaded), opts, metrics)
 }
 
@@ -204,11 +212,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
         // The socket is open while the model loads, so clients see 503 rather than a refusal.
         let loading = shared.clone();
+        let weights = a.weights.clone();
         std::thread::Builder::new()
             .name("recurformer-load".into())
             .spawn(move || {
                 let t0 = std::time::Instant::now();
-                match load_ready(&path, opts, metrics) {
+                match load_ready(&path, &weights, opts, metrics) {
                     Ok(ready) => {
                         let l = ready.engine.limits;
                         eprintln!(

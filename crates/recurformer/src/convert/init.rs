@@ -26,10 +26,10 @@ fn rows_of(t: &Tensor, heads: &[usize], hd: usize) -> Result<Tensor> {
 }
 
 fn linear_rows(l: &Linear, heads: &[usize], hd: usize) -> Result<Linear> {
-    Ok(Linear {
-        weight: rows_of(&l.weight, heads, hd)?,
-        bias: l.bias.as_ref().map(|b| rows_of(b, heads, hd)).transpose()?,
-    })
+    Ok(Linear::new(
+        rows_of(&l.weight, heads, hd)?,
+        l.bias.as_ref().map(|b| rows_of(b, heads, hd)).transpose()?,
+    ))
 }
 
 /// What `convert` needs besides the base model.

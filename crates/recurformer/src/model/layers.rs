@@ -6,16 +6,41 @@ use crate::formats::config::{ModelConfig, RopeScaling};
 use crate::formats::weights::Weights;
 use crate::model::options::ForwardOptions;
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// (out, in)
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A quantised copy of `weight` that inference forwards use instead of it
+    /// ([`crate::model::quant`]); None for f32 (always in training, which needs the gradients
+    /// of the f32 path).
+    pub quant: Option<QMatMul>,
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight,
+            bias,
+            quant: None,
+        }
+    }
+
+    /// Quantises the weight to `dtype` for inference. False (and nothing changes) when the input
+    /// size is not a multiple of the type's block size.
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<bool> {
+        let inp = self.weight.dim(1)?;
+        if inp % dtype.block_size() != 0 {
+            return Ok(false);
+        }
+        let q = QTensor::quantize(&self.weight, dtype)?;
+        self.quant = Some(QMatMul::from_arc(std::sync::Arc::new(q))?);
+        Ok(true)
+    }
+
     pub fn load(w: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
         let bias = if bias {
@@ -23,7 +48,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -31,7 +56,11 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?; // (rows, out)
+        let x2 = x.reshape((rows, inp))?;
+        let y = match &self.quant {
+            Some(q) => q.forward(&x2.contiguous()?)?,
+            None => x2.matmul(&self.weight.t()?)?,
+        }; // (rows, out)
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -63,8 +92,12 @@ pub fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 impl Linear {
-    /// `forward` for the rows of a batched decode step ([`matmul_rows`]).
+    /// `forward` for the rows of a batched decode step ([`matmul_rows`]). A quantised weight takes
+    /// the rows in one call: its kernel reads each weight block once per tile of rows.
     pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        if self.quant.is_some() {
+            return self.forward(x);
+        }
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();

@@ -290,6 +290,46 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// The linear layers an inference forward runs, named under the layer (`self_attn.q_proj`,
+    /// `local.k_proj`, `self_attn.o_proj`, `mlp.down_proj`, ...), for quantisation
+    /// (`model::quant`). o_proj is the reordered copy the forward uses.
+    pub(crate) fn inference_linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut v: Vec<(&'static str, &mut Linear)> = Vec::new();
+        if let Some(a) = &mut self.self_attn {
+            v.push(("self_attn.q_proj", &mut a.q_proj));
+            v.push(("self_attn.k_proj", &mut a.k_proj));
+            v.push(("self_attn.v_proj", &mut a.v_proj));
+        }
+        if let Some(w) = &mut self.local {
+            v.push(("local.q_proj", &mut w.q_proj));
+            v.push(("local.k_proj", &mut w.k_proj));
+            v.push(("local.v_proj", &mut w.v_proj));
+        }
+        v.push(("self_attn.o_proj", &mut self.o_proj_run));
+        v.push(("mlp.gate_proj", &mut self.mlp.gate_proj));
+        v.push(("mlp.up_proj", &mut self.mlp.up_proj));
+        v.push(("mlp.down_proj", &mut self.mlp.down_proj));
+        v
+    }
+
+    /// True when a forward of this layer runs on a quantised weight.
+    pub(crate) fn is_quantized(&self) -> bool {
+        let q = |l: &Linear| l.quant.is_some();
+        self.self_attn
+            .as_ref()
+            .is_some_and(|a| q(&a.q_proj) || q(&a.k_proj) || q(&a.v_proj))
+            || self
+                .local
+                .as_ref()
+                .is_some_and(|a| q(&a.q_proj) || q(&a.k_proj) || q(&a.v_proj))
+            || q(&self.o_proj_run)
+            || q(&self.mlp.gate_proj)
+            || q(&self.mlp.up_proj)
+            || q(&self.mlp.down_proj)
+    }
+}
+
 /// o_proj with input columns ordered [kept heads..., replaced heads...].
 fn reorder_o_proj(o: &Linear, split: &HeadSplit, hd: usize) -> Result<Linear> {
     let nh = split.attention_heads.len() + split.mamba_heads.len();
@@ -307,10 +347,7 @@ fn reorder_o_proj(o: &Linear, split: &HeadSplit, hd: usize) -> Result<Linear> {
         .flat_map(|&h| (h * hd..(h + 1) * hd).map(|c| c as u32))
         .collect();
     let idx = Tensor::new(cols.as_slice(), o.weight.device())?;
-    Ok(Linear {
-        weight: o.weight.index_select(&idx, 1)?,
-        bias: o.bias.clone(),
-    })
+    Ok(Linear::new(o.weight.index_select(&idx, 1)?, o.bias.clone()))
 }
 
 /// Mixer hyper-parameters shared by every layer of a hybrid (the `recurformer.mixer` section of
@@ -324,6 +361,8 @@ pub struct Model {
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     pub lm_head: Tensor, // (v, d); the embedding itself when tied
+    /// A quantised copy of the LM head for inference (`model::quant`); None in f32.
+    pub lm_head_q: Option<candle_core::quantized::QMatMul>,
     pub rope: Rope,
     pub device: Device,
 }
@@ -374,6 +413,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            lm_head_q: None,
             rope: Rope::new(cfg),
             device,
         })
@@ -554,15 +594,21 @@ impl Model {
         }
         let h = self.norm.forward(&x, &ForwardOptions::default())?; // (n, 1, d)
         let h = h.reshape((n, self.cfg.hidden_size))?; // (n, d)
-        crate::model::layers::matmul_rows(&h, &self.lm_head) // (n, v)
+        match &self.lm_head_q {
+            Some(q) => Ok(candle_core::Module::forward(q, &h)?), // (n, v)
+            None => crate::model::layers::matmul_rows(&h, &self.lm_head), // (n, v)
+        }
     }
 
     /// Hidden states (b, t, d) -> logits (b, t, v).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
-        Ok(h.reshape((b * t, d))?
-            .matmul(&self.lm_head.t()?)?
-            .reshape((b, t, self.cfg.vocab_size))?)
+        let h2 = h.reshape((b * t, d))?;
+        let y = match &self.lm_head_q {
+            Some(q) => candle_core::Module::forward(q, &h2.contiguous()?)?,
+            None => h2.matmul(&self.lm_head.t()?)?,
+        };
+        Ok(y.reshape((b, t, self.cfg.vocab_size))?)
     }
 
     /// Bytes of the per-sequence state a model needs: KV per token (kept groups) and the constant

@@ -16,4 +16,5 @@ pub mod llama;
 pub mod mamba;
 pub mod options;
 pub mod plan;
+pub mod quant;
 pub mod window;

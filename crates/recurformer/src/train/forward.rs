@@ -25,7 +25,7 @@ pub(super) fn map_linear(
         Some(b) => Some(f(&format!("{name}.bias"), b)?),
         None => None,
     };
-    Ok(Linear { weight, bias })
+    Ok(Linear::new(weight, bias))
 }
 
 /// `m` rebuilt with every tensor replaced by `f(name, tensor)`, names as in
@@ -108,6 +108,8 @@ pub fn map_model(m: &Model, f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>) 
         layers,
         norm,
         lm_head,
+        // The mapped model runs in f32: a quantised head of `m` would not follow the mapping.
+        lm_head_q: None,
         ..m.clone()
     })
 }
@@ -165,10 +167,10 @@ pub(super) fn o_proj_in_run_order(layer: &DecoderLayer, hd: usize) -> Result<Lin
         .flat_map(|&h| (h * hd..(h + 1) * hd).map(|c| c as u32))
         .collect();
     let idx = Tensor::new(cols.as_slice(), layer.o_proj.weight.device())?;
-    Ok(Linear {
-        weight: layer.o_proj.weight.index_select(&idx, 1)?,
-        bias: layer.o_proj.bias.clone(),
-    })
+    Ok(Linear::new(
+        layer.o_proj.weight.index_select(&idx, 1)?,
+        layer.o_proj.bias.clone(),
+    ))
 }
 
 /// x @ W^T for a weight W (out, in) that does not train. candle's matmul backward computes the
@@ -230,13 +232,7 @@ pub(super) fn linear_train(l: &Linear, x: &Tensor) -> Result<Tensor> {
 /// `Model::logits` for training: hidden states (b, t, d) -> logits (b, t, v) through
 /// `linear_train`.
 pub fn logits_train(m: &Model, h: &Tensor) -> Result<Tensor> {
-    linear_train(
-        &Linear {
-            weight: m.lm_head.clone(),
-            bias: None,
-        },
-        h,
-    )
+    linear_train(&Linear::new(m.lm_head.clone(), None), h)
 }
 
 /// Additive causal mask (t, t) in `dtype`: 0 on and below the diagonal, -inf above.

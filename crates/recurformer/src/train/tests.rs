@@ -154,10 +154,10 @@ fn retrieval_share_is_met_and_deterministic() {
 #[test]
 fn frozen_linear_matches_the_plain_one() -> Result<()> {
     let x = Var::from_tensor(&rand(&[2, 7, 5], 3, DType::F32)?)?;
-    let l = Linear {
-        weight: rand(&[4, 5], 4, DType::F32)?,
-        bias: Some(rand(&[4], 5, DType::F32)?),
-    };
+    let l = Linear::new(
+        rand(&[4, 5], 4, DType::F32)?,
+        Some(rand(&[4], 5, DType::F32)?),
+    );
     let r = rand(&[2, 7, 4], 6, DType::F32)?;
     let y1 = linear_train(&l, x.as_tensor())?;
     let y2 = l.forward(x.as_tensor())?;

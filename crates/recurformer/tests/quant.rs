@@ -1,0 +1,174 @@
+//! Quantised weights at inference (`model::quant`, issue 20): each format's matmul against f32 on
+//! the same weights, the default model's logits in q8_0 against f32, and the decode paths of a
+//! quantised model (cached steps, batched steps) against its own full forward.
+
+mod common;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+use common::*;
+use recurformer::model::layers::Linear;
+use recurformer::model::quant::WeightFormat;
+
+/// Relative error ||y_q - y|| / ||y|| of one quantised linear layer on Gaussian weights and
+/// inputs.
+fn linear_error(format: WeightFormat, out: usize, inp: usize) -> Result<f64> {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.05, (out, inp), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (7, inp), &dev)?;
+    let mut l = Linear::new(w, Some(Tensor::randn(0f32, 0.1, out, &dev)?));
+    let want = l.forward(&x)?;
+    assert!(
+        l.quantize(format.dtype().unwrap())?,
+        "{format}: {inp} fits the block"
+    );
+    let got = l.forward(&x)?;
+    let err = (got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+    let norm = want.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+    Ok((err / norm) as f64)
+}
+
+#[test]
+fn each_format_stays_within_its_error_bound() -> Result<()> {
+    // Bounds: about twice the error of rounding Gaussian weights to the format's grid (a step of
+    // ~5 sigma / levels per block, error step / sqrt(12)) plus the activations' own 8-bit
+    // rounding: 8 bits ~0.6 %, 6 bits ~2.5 %, 5 bits ~5 %, 4 bits ~10 %.
+    let bounds = [
+        (WeightFormat::Q8_0, 0.02),
+        (WeightFormat::Q6K, 0.04),
+        (WeightFormat::Q5K, 0.08),
+        (WeightFormat::Q4K, 0.15),
+        (WeightFormat::Q4_0, 0.20),
+    ];
+    let mut seen = Vec::new();
+    for (f, bound) in bounds {
+        let e = linear_error(f, 96, 512)?;
+        println!("{f}: relative error {e:.4} (bound {bound})");
+        assert!(e > 0.0 && e < bound, "{f}: {e} >= {bound}");
+        seen.push(e);
+    }
+    // More bits, less error: q8_0 < q6_k < q5_k < q4_k.
+    assert!(
+        seen[0] < seen[1] && seen[1] < seen[2] && seen[2] < seen[3],
+        "{seen:?}"
+    );
+
+    // A K-quant needs inputs in multiples of 256: a 576-wide layer is left alone.
+    let mut l = Linear::new(Tensor::zeros((8, 576), DType::F32, &Device::Cpu)?, None);
+    assert!(!l.quantize(WeightFormat::Q4K.dtype().unwrap())?);
+    assert!(l.quant.is_none());
+    assert!(WeightFormat::parse("Q8_0")? == WeightFormat::Q8_0);
+    let e = WeightFormat::parse("q3_xs").unwrap_err().to_string();
+    assert!(e.contains("q3_xs") && e.contains("q8_0"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn default_model_in_q8_0_agrees_with_f32() -> Result<()> {
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
+    let tok = loaded.tokenizer()?;
+    let f32_model = loaded.model.clone();
+    let mut q = loaded.model.clone();
+    let s = q.quantize(WeightFormat::Q8_0)?;
+    // Every matrix of SmolLM2 (576- and 1536-wide inputs) fits Q8_0's 32-blocks: 30 layers x 7
+    // matrices + the LM head.
+    assert_eq!(s.quantized, 30 * 7 + 1, "{s:?}");
+    assert!(s.kept_f32.is_empty());
+    let ratio = s.bytes_after as f64 / s.bytes_f32 as f64;
+    assert!((ratio - 34.0 / 128.0).abs() < 1e-3, "bytes ratio {ratio}");
+    assert!(q.is_quantized() && !f32_model.is_quantized());
+    // K-quants leave the 576-wide matrices in f32 and say so.
+    let mut k = loaded.model.clone();
+    let sk = k.quantize(WeightFormat::Q4K)?;
+    assert_eq!(sk.quantized, 30, "only down_proj (1536 wide) fits: {sk:?}");
+    assert!(sk.kept_f32.iter().any(|n| n == "lm_head"));
+
+    // 256 tokens of held-out prose (Persuasion).
+    let text = std::fs::read_to_string(root().join("data/text/austen/persuasion.txt"))?;
+    let ids: Vec<u32> = tok
+        .encode(&text[20000..24000], true)?
+        .into_iter()
+        .take(256)
+        .collect();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let full = |m: &recurformer::model::llama::Model| -> Result<Tensor> {
+        let mut c = m.new_cache(1, ids.len());
+        let h = m.forward_hidden(&x, &mut c, &Default::default(), None)?;
+        Ok(m.logits(&h)?.squeeze(0)?) // (t, v)
+    };
+    let (lf, lq) = (full(&f32_model)?, full(&q)?);
+    let top = |l: &Tensor| -> Result<Vec<u32>> { Ok(l.argmax(D::Minus1)?.to_vec1()?) };
+    let (tf, tq) = (top(&lf)?, top(&lq)?);
+    let agree = tf.iter().zip(&tq).filter(|(a, b)| a == b).count();
+    let lsm = |l: &Tensor| candle_nn::ops::log_softmax(l, D::Minus1);
+    // KL(f32 || q8_0) per position, averaged.
+    let (pf, pq) = (lsm(&lf)?, lsm(&lq)?);
+    let kl = (pf.exp()? * (&pf - &pq)?)?
+        .sum(D::Minus1)?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    println!(
+        "q8_0 vs f32 on {} positions: top-1 agreement {agree}, mean KL {kl:.5}",
+        ids.len()
+    );
+    // Measured: 242 of 256 agree, KL 0.0085 (0.0008 of it from the LM head); the same passage in
+    // q4_0 (re-quantising the GGUF's Q4_1 values onto a coarser grid) gives 160 and 0.42.
+    assert!(
+        agree * 100 >= ids.len() * 90,
+        "{agree} of {} top-1 agree",
+        ids.len()
+    );
+    assert!(kl < 0.02, "mean KL {kl}");
+
+    // The quantised model's cached decode follows its own full forward: prefill all but the
+    // last 8 tokens, then 8 single steps. Not to the last bit: the kernel rounds activations to
+    // 8 bits per block of 32, a step that jumps where a value crosses a rounding boundary, and on
+    // this model's outlier activations one such step is large. The decode and prefill attention
+    // kernels differ by ~1e-6 (4.6e-5 in the f32 logits), enough to cross some boundaries: two
+    // full q8_0 forwards of 63 and 64 tokens, whose matmuls give bit-identical rows, differ by
+    // 0.82 in one logit at position 62. So the check is on the distributions, with the bound
+    // the weights themselves are held to above.
+    let n = ids.len();
+    let mut c = q.new_cache(1, n);
+    q.forward_last(&x.narrow(1, 0, n - 8)?, &mut c)?;
+    for i in n - 8..n {
+        let step = q.forward_last(&x.narrow(1, i, 1)?, &mut c)?.squeeze(0)?; // (v,)
+        let (ps, pw) = (lsm(&step)?, lsm(&lq.get(i)?)?);
+        let kl = (pw.exp()? * (&pw - &ps)?)?.sum_all()?.to_scalar::<f32>()?;
+        println!("q8_0 cached step at {i}: KL to the full forward {kl:.5}");
+        assert!(kl < 0.02, "position {i}: KL {kl}");
+    }
+    Ok(())
+}
+
+#[test]
+fn batched_decode_of_a_quantised_model_matches_each_sequence_alone() -> Result<()> {
+    // The tiny models' layers are 32-aligned, so q8_0 quantises every matrix; the batched step
+    // (one quantised matmul over all rows) must give each sequence what its own step gives.
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let mut m = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let s = m.quantize(WeightFormat::Q8_0)?;
+        if !s.kept_f32.is_empty() {
+            println!("{name}: left in f32: {:?}", s.kept_f32);
+        }
+        assert!(s.quantized > 0, "{name}: nothing quantised");
+        let (ids, _) = tiny_expected(name)?;
+        let ids: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let lens = [3usize, 7, 5];
+        let mut alone = Vec::new();
+        for &l in &lens {
+            let mut c = m.new_cache(1, 4);
+            m.forward_last(&Tensor::new(&ids[..l], &m.device)?.unsqueeze(0)?, &mut c)?;
+            alone.push(c);
+        }
+        let mut batched = alone.clone();
+        let toks: Vec<u32> = (0..lens.len()).map(|i| ids[lens[i] + i]).collect();
+        let mut refs: Vec<_> = batched.iter_mut().collect();
+        let got = m.forward_step_batch(&toks, &mut refs)?;
+        for (i, c) in alone.iter_mut().enumerate() {
+            let want = m.forward_last(&Tensor::new(&[toks[i]], &m.device)?.unsqueeze(0)?, c)?;
+            let d = max_abs_diff(&got.narrow(0, i, 1)?, &want)?;
+            assert!(d < 1e-4, "{name} sequence {i}: {d}");
+        }
+    }
+    Ok(())
+}
