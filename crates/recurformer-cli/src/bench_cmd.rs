@@ -289,8 +289,15 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
                 r["prefill_tok_s"].as_f64().unwrap_or(f64::NAN),
                 r["decode_tok_s"].as_f64().unwrap_or(f64::NAN),
             );
+            // PyTorch dequantises the GGUF to f32; llama.cpp runs its own tensor types with an
+            // f16 cache.
+            let how = if eng == "llama_cpp" {
+                "the GGUF's own types, f16 cache"
+            } else {
+                "f32"
+            };
             md.push_str(&format!(
-                "| {c} | {eng} (first model, f32) | {:.2} | {pf:.1} | {dc:.2} | {:.2}x | - | - | {} |\n",
+                "| {c} | {eng} (first model, {how}) | {:.2} | {pf:.1} | {dc:.2} | {:.2}x | - | - | {} |\n",
                 c as f64 / pf,
                 dc / base.decode_tok_s,
                 r["peak_rss_bytes"]
