@@ -97,20 +97,19 @@ struct ModelEntry {
 impl ModelEntry {
     /// The name reports use.
     fn name(&self) -> String {
-        let mut n = match self.window {
-            None => shown_path(&self.path),
-            Some(w) => format!("{} [window {w} on plan]", shown_path(&self.path)),
-        };
-        if self.show_weights {
-            n.push_str(&format!(" [{}]", self.weights));
-        }
-        n
+        self.tagged(shown_path(&self.path), " on plan")
     }
 
     fn short(&self) -> String {
+        self.tagged(short_name(&self.path), "")
+    }
+
+    /// `path` with the window (`[window W<on_plan>]`) and, when several are evaluated, the
+    /// weight format.
+    fn tagged(&self, path: String, on_plan: &str) -> String {
         let mut n = match self.window {
-            None => short_name(&self.path),
-            Some(w) => format!("{} [window {w}]", short_name(&self.path)),
+            None => path,
+            Some(w) => format!("{path} [window {w}{on_plan}]"),
         };
         if self.show_weights {
             n.push_str(&format!(" [{}]", self.weights));
