@@ -6,6 +6,7 @@
 use super::*;
 use crate::checkpoint::save::named_tensors;
 use crate::model::attention::Attention;
+use crate::model::kernels::window_attention::window_attention_fused;
 use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::llama::{DecoderLayer, Model};
 use crate::model::mamba::{MambaMixer, PARAM_NAMES};
@@ -297,7 +298,13 @@ pub(super) fn local_train(
     let (b, t, _) = x.dims3()?;
     let (q, k, v) = la.qkv(x, rope, cos_sin, opts, &|l, x| linear_train(l, x))?;
     let LocalWindow { sinks, window } = la.settings;
-    let o = windowed_attention(&q, &k, &v, KeyLayout::default(), sinks, window, true)?; // (b, n, t, hd)
+    // One CPU op with its own backward (`kernels::window_attention`); the graph elsewhere.
+    let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
+    let o = if fused && !crate::model::kernels::graph_kernels() {
+        window_attention_fused(&q, &k, &v, sinks, window)?
+    } else {
+        windowed_attention(&q, &k, &v, KeyLayout::default(), sinks, window, true)?
+    }; // (b, n, t, hd)
     Ok(o.transpose(1, 2)?
         .reshape((b, t, la.n_heads * la.head_dim))?)
 }

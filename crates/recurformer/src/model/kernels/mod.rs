@@ -1,4 +1,45 @@
-//! Hand-written CPU kernels of the inference path, each tested against the plain reference it
-//! replaces (DESIGN.md, "Inference precision").
+//! Hand-written CPU kernels of the inference and training paths, each tested against the plain
+//! reference it replaces (DESIGN.md, "Inference precision").
 
 pub mod decode_attention;
+pub mod window_attention;
+
+/// Whether the training kernels (`window_attention`, the mixers' fused scan) are switched off in
+/// favour of the candle graphs they replace: set `RECURFORMER_GRAPH_KERNELS=1` to time or check the
+/// old path side by side (BENCHMARKS.md, "Where a distillation step goes"). Read once.
+pub fn graph_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("RECURFORMER_GRAPH_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// The float types the kernels run in (f32 for training and inference, f64 for gradient checks).
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + candle_core::WithDType
+{
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}

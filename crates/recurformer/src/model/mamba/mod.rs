@@ -43,6 +43,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use scan::{per_head, proj, softplus, ssm_step};
 
+mod fused;
 pub mod scan;
 pub use scan::{scan_chunked, scan_reference, ScanInputs};
 #[cfg(test)]
@@ -141,12 +142,22 @@ pub enum Scan {
     Chunked { chunk: usize },
     /// The token-by-token reference.
     Reference,
+    /// The recurrence as one CPU operation with a hand-written backward (`fused.rs`), from a zero
+    /// state; with an initial state, or off the CPU, the chunked scan runs instead.
+    Fused,
 }
 
 impl Default for Scan {
+    /// The fused scan: as fast as the chunked graph at 256 tokens and ~20 % faster over the
+    /// default model's mixers at 1024 (BENCHMARKS.md, "Where a distillation step goes"); the
+    /// chunked scan when `RECURFORMER_GRAPH_KERNELS` is set.
     fn default() -> Self {
-        Scan::Chunked {
-            chunk: DEFAULT_CHUNK,
+        if crate::model::kernels::graph_kernels() {
+            Scan::Chunked {
+                chunk: DEFAULT_CHUNK,
+            }
+        } else {
+            Scan::Fused
         }
     }
 }
@@ -486,6 +497,8 @@ impl MambaMixer {
         let (y, h) = match scan {
             Scan::Chunked { chunk } => scan_chunked(&inp, chunk)?,
             Scan::Reference => scan_reference(&inp)?,
+            Scan::Fused if inp.h0.is_none() && u.device().is_cpu() => fused::scan_fused(&inp)?,
+            Scan::Fused => scan_chunked(&inp, DEFAULT_CHUNK)?,
         }; // (bsz, t, n, P), (bsz, n, P, N)
         let out = self.gate_norm(&y, &self.z(u)?, opts)?; // (bsz, t, n*P)
         let new_state = RecurrentState {

@@ -122,6 +122,70 @@ fn chunked_scan_matches_reference() -> Result<()> {
     Ok(())
 }
 
+/// The fused scan (`fused.rs`) against the reference: outputs and final state, and the gradients
+/// of a loss on both with respect to every input, in f64 (where the two agree to rounding) and in
+/// f32; lengths below, at and across the backward's checkpoint stretches.
+#[test]
+fn fused_scan_matches_reference_with_gradients() -> Result<()> {
+    let (bsz, n, p, ns) = (2, 3, 20, 5); // 20 rows: two lanes of the fused op per head
+    for &t in &[1usize, 32, 37, 70] {
+        for dtype in [DType::F64, DType::F32] {
+            let r = raw_inputs(bsz, t, n, p, ns, 40 + t as u64)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(41 + t as u64);
+            let wy = uni(&[bsz, t, n, p], -1.0, 1.0, &mut rng)?.to_dtype(dtype)?;
+            let wh = uni(&[bsz, n, p, ns], -1.0, 1.0, &mut rng)?.to_dtype(dtype)?;
+            let vars: Vec<Var> = [&r.x, &r.dt, &r.a, &r.b, &r.c, &r.d]
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype)?))
+                .collect::<candle_core::Result<_>>()?;
+            let run = |fused: bool| -> Result<(Tensor, Tensor, GradStore)> {
+                let inp = ScanInputs {
+                    x: vars[0].as_tensor(),
+                    dt: vars[1].as_tensor(),
+                    a: vars[2].as_tensor(),
+                    b: vars[3].as_tensor(),
+                    c: vars[4].as_tensor(),
+                    d: vars[5].as_tensor(),
+                    h0: None,
+                };
+                let (y, h) = if fused {
+                    fused::scan_fused(&inp)?
+                } else {
+                    scan_reference(&inp)?
+                };
+                let loss = ((&y * &wy)?.sum_all()? + (&h * &wh)?.sum_all()?)?;
+                let g = loss.backward()?;
+                Ok((y, h, g))
+            };
+            let (y_ref, h_ref, g_ref) = run(false)?;
+            let (y, h, g) = run(true)?;
+            assert_eq!(y.dims(), y_ref.dims());
+            assert_eq!(h.dims(), h_ref.dims());
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
+            let (ym, _) = max_abs(&y, &y_ref)?;
+            let (hm, _) = max_abs(&h, &h_ref)?;
+            let (ry, rh) = (ym / max_abs_val(&y_ref)?, hm / max_abs_val(&h_ref)?);
+            println!("t={t:2} {dtype:?}: y rel {ry:.2e}, h rel {rh:.2e}");
+            assert!(
+                ry <= tol && rh <= tol,
+                "t={t} {dtype:?}: y {ry:e}, h {rh:e}"
+            );
+            for (name, v) in ["x", "dt", "A", "B", "C", "D"].iter().zip(&vars) {
+                let a = g.get(v).context("no fused gradient")?;
+                let b = g_ref.get(v).context("no reference gradient")?;
+                let (m, _) = max_abs(a, b)?;
+                let rel = m / max_abs_val(b)?.max(1e-300);
+                println!("t={t:2} {dtype:?} d/d{name:2}: rel {rel:.2e}");
+                assert!(
+                    rel <= tol,
+                    "t={t} {dtype:?} d/d{name}: relative error {rel:e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn chunked_scan_gradients_match_reference() -> Result<()> {
     let (bsz, t, n, p, ns) = (2, 23, 3, 4, 5);
@@ -190,12 +254,15 @@ fn forward_seq_gradients_match_reference_scan_and_finite_differences() -> Result
     };
     let g_ref = grads(Scan::Reference)?;
     let g_chk = grads(Scan::Chunked { chunk: 4 })?;
+    let g_fus = grads(Scan::Fused)?;
     for (name, v) in &vars {
-        let (a, b) = (g_chk.get(v).context("grad")?, g_ref.get(v).context("grad")?);
-        let (m, _) = max_abs(a, b)?;
-        let rel = m / max_abs_val(b)?.max(1e-12);
-        println!("forward_seq d/d{name}: chunked vs reference rel {rel:.2e}");
-        assert!(rel <= 1e-4, "{name}: {rel:e}");
+        for (what, g) in [("chunked", &g_chk), ("fused", &g_fus)] {
+            let (a, b) = (g.get(v).context("grad")?, g_ref.get(v).context("grad")?);
+            let (m, _) = max_abs(a, b)?;
+            let rel = m / max_abs_val(b)?.max(1e-12);
+            println!("forward_seq d/d{name}: {what} vs reference rel {rel:.2e}");
+            assert!(rel <= 1e-4, "{what} {name}: {rel:e}");
+        }
     }
 
     // Finite differences in f64 on selected entries.
@@ -443,13 +510,14 @@ fn timing() -> Result<()> {
         let u = uni(&[1, t, 576], -1.0, 1.0, &mut rng)?;
         let scans: &[Scan] = if t <= 1024 {
             &[
+                Scan::Fused,
                 Scan::Chunked { chunk: 64 },
                 Scan::Chunked { chunk: 32 },
                 Scan::Chunked { chunk: 128 },
                 Scan::Reference,
             ]
         } else {
-            &[Scan::Chunked { chunk: 64 }]
+            &[Scan::Fused, Scan::Chunked { chunk: 64 }]
         };
         for &scan in scans {
             let reps = 3;
