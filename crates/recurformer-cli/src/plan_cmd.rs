@@ -1,8 +1,8 @@
 //! `recurformer plan`: choose the KV groups to convert from a recency report and write plan.json,
 //! keeping the groups with strong probe evidence of a retrieval role as attention by default.
 //!
-//! No model is loaded: the model shape comes from the report, and the plan is validated against
-//! it before it is written.
+//! No model is loaded unless `--rank harm` or `--check-model` asks for one: the model shape comes
+//! from the report, and the plan is validated against it before it is written.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -10,6 +10,16 @@ use recurformer::convert::recency::RecencyReport;
 use recurformer::formats::io::shown_path;
 use recurformer::model::plan::PlanShape;
 use std::path::PathBuf;
+
+/// How `plan` fills the budget (`--rank`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rank {
+    Recency,
+    Harm,
+}
+
+/// Seed of the harm ranking's prompts: apart from the check's (`CeilingSettings::seed`).
+const RANK_SEED: u64 = 2001;
 
 /// Options of `recurformer plan`.
 #[derive(Args, Debug, Clone)]
@@ -51,6 +61,28 @@ pub struct PlanArgs {
     /// be met without a protected group, fewer groups are replaced and a warning says so.
     #[arg(long, value_name = "RULES", default_value = "default")]
     pub protect: String,
+    /// How the budget of --replace-fraction is filled. `recency`: the groups with the highest
+    /// mean recency first. `harm`: each of the --rank-candidates most recency-aware groups is
+    /// restricted alone to --check-sinks sinks + --check-window recent keys in the base model
+    /// (--check-model) on --rank-prompts passkey prompts of --rank-context tokens (chat-framed,
+    /// 7-digit keys, their own seed: not the check's prompts), and the groups that cost the
+    /// answer's log-probability least are replaced first (BENCHMARKS.md, "Groups ranked by
+    /// causal harm"). Protection rules apply either way.
+    #[arg(long, value_enum, default_value_t = Rank::Recency)]
+    pub rank: Rank,
+    /// Passkey prompts of the harm ranking.
+    #[arg(long, default_value_t = 8)]
+    pub rank_prompts: usize,
+    /// Tokens per harm-ranking prompt before the answer.
+    #[arg(long, default_value_t = 1024)]
+    pub rank_context: usize,
+    /// Groups the harm ranking measures, the most recency-aware first (the rest stay attention).
+    #[arg(long, default_value_t = 60)]
+    pub rank_candidates: usize,
+    /// Reuse the harm ranking of an earlier plan.json (`rule.harm`) instead of measuring it again:
+    /// another fraction or protection rule from the same measurement, in seconds.
+    #[arg(long, value_name = "PLAN_JSON")]
+    pub rank_from: Option<PathBuf>,
     /// Run the causal check with this base model (the one the report was made from): the base
     /// with the planned groups restricted to --check-sinks sink tokens + --check-window recent
     /// keys is scored on held-out passkey prompts cut from the calibration text; while it finds
@@ -111,7 +143,31 @@ pub fn run(args: PlanArgs) -> Result<()> {
         );
         rules.clear();
     }
-    let mut plan = plan_protecting(&report, budget, k, &rules)?;
+    if args.rank_from.is_some() && args.rank != Rank::Harm {
+        anyhow::bail!("--rank-from gives a harm ranking: use it with --rank harm");
+    }
+    let base = match (&args.check_model, args.rank, &args.rank_from) {
+        (Some(m), _, _) => Some(load_base(&args, m, &report)?),
+        (None, Rank::Harm, None) => anyhow::bail!(
+            "--rank harm measures each group in the base model: give it with --check-model \
+             (or reuse a measured ranking with --rank-from)"
+        ),
+        (None, _, _) => None,
+    };
+    let mut plan = match (args.rank, budget) {
+        (Rank::Harm, Budget::Fraction(f)) => {
+            let ranking = match (&args.rank_from, &base) {
+                (Some(path), _) => load_ranking(path, &report)?,
+                (None, Some(b)) => rank_by_harm(&args, b, &report)?,
+                (None, None) => unreachable!("checked above"),
+            };
+            recurformer::convert::protect::plan_by_harm(&report, f, k, &rules, ranking)?
+        }
+        (Rank::Harm, Budget::Threshold(_)) => anyhow::bail!(
+            "--rank harm fills a --replace-fraction budget; --threshold is a recency rule"
+        ),
+        (Rank::Recency, _) => plan_protecting(&report, budget, k, &rules)?,
+    };
     plan.rule.recency_file = Some(shown_path(&args.recency));
     let shape = PlanShape::from_report(&report);
     plan.validate_shape(
@@ -119,8 +175,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
         shape.num_attention_heads,
         shape.num_key_value_heads,
     )?;
-    if let Some(model) = &args.check_model {
-        plan = check(&args, model, &report, plan)?;
+    if let Some(b) = &base {
+        plan = check(&args, b, &report, plan)?;
     }
     plan.save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -237,27 +293,199 @@ pub fn run(args: PlanArgs) -> Result<()> {
     Ok(())
 }
 
-/// The causal check (`convert::ceiling`) of `plan` with the base model at `model_path`.
-fn check(
+/// The base model of the check and the harm ranking, with the token stream of their haystack.
+struct Base {
+    loaded: recurformer::checkpoint::loader::LoadedModel,
+    stream: Vec<u32>,
+    files: Vec<PathBuf>,
+}
+
+impl Base {
+    fn eos(&self) -> Option<u32> {
+        self.loaded.model.cfg.eos_token_ids.first().copied()
+    }
+
+    /// Chat-framed passkey prompts cut from the haystack.
+    fn prompts(
+        &self,
+        prompts: usize,
+        prompt_len: usize,
+        key_digits: usize,
+        seed: u64,
+        chat: bool,
+        depth: [f64; 2],
+    ) -> Result<recurformer::convert::probes::CopySet> {
+        recurformer::convert::passkey::passkey_cases(
+            self.loaded.tokenizer()?,
+            &self.stream,
+            self.eos(),
+            &recurformer::convert::passkey::PasskeyOptions {
+                prompts,
+                prompt_len,
+                key_digits,
+                seed,
+                haystack_files: self.files.iter().map(|f| shown_path(f)).collect(),
+                chat,
+                depth,
+            },
+        )
+    }
+}
+
+/// Loads the base model at `model_path` and checks it has the report's shape.
+fn load_base(
     args: &PlanArgs,
     model_path: &std::path::Path,
+    report: &RecencyReport,
+) -> Result<Base> {
+    use recurformer::formats::text::{load_documents, token_stream};
+    args.threads.apply();
+    let loaded = recurformer::checkpoint::loader::load(model_path)?;
+    let shape = PlanShape::from_report(report);
+    let c = &loaded.model.cfg;
+    anyhow::ensure!(
+        (
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ) == (
+            shape.num_layers,
+            shape.num_attention_heads,
+            shape.num_key_value_heads
+        ),
+        "{} does not have the shape of the model {} was made from ({} layers, {} heads, {} KV \
+         heads against {}, {}, {})",
+        model_path.display(),
+        args.recency.display(),
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        shape.num_layers,
+        shape.num_attention_heads,
+        shape.num_key_value_heads
+    );
+    let files = if args.check_data.is_empty() {
+        crate::default_calibration_files()
+    } else {
+        args.check_data.clone()
+    };
+    let eos = c.eos_token_ids.first().copied();
+    let stream = token_stream(&load_documents(&files)?, loaded.tokenizer()?, eos)?;
+    Ok(Base {
+        loaded,
+        stream,
+        files,
+    })
+}
+
+/// The harm ranking recorded in the plan.json at `path` (`rule.harm`), checked against the
+/// report's shape.
+fn load_ranking(
+    path: &std::path::Path,
+    report: &RecencyReport,
+) -> Result<recurformer::model::plan::HarmRanking> {
+    let text =
+        recurformer::formats::io::read_text(path, recurformer::formats::io::JSON_FILE_LIMIT)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let h = v.get("rule").and_then(|r| r.get("harm")).with_context(|| {
+        format!(
+            "{} has no harm ranking (rule.harm): was it made with --rank harm?",
+            path.display()
+        )
+    })?;
+    let r: recurformer::model::plan::HarmRanking = serde_json::from_value(h.clone())
+        .with_context(|| format!("{}: rule.harm is not a harm ranking", path.display()))?;
+    let shape = PlanShape::from_report(report);
+    if let Some(e) = r
+        .groups
+        .iter()
+        .find(|e| e.layer >= shape.num_layers || e.group >= shape.num_key_value_heads)
+    {
+        anyhow::bail!(
+            "{}: rule.harm names layer {} group {}, the report's model has {} layers of {} KV groups",
+            path.display(),
+            e.layer,
+            e.group,
+            shape.num_layers,
+            shape.num_key_value_heads
+        );
+    }
+    Ok(r)
+}
+
+/// The harm ranking of `plan --rank harm` (`convert::ceiling::group_harm`).
+fn rank_by_harm(
+    args: &PlanArgs,
+    b: &Base,
+    report: &RecencyReport,
+) -> Result<recurformer::model::plan::HarmRanking> {
+    anyhow::ensure!(
+        args.rank_prompts >= 1 && args.rank_candidates >= 1 && args.check_window >= 1,
+        "--rank-prompts {}, --rank-candidates {} and --check-window {} must be at least 1",
+        args.rank_prompts,
+        args.rank_candidates,
+        args.check_window
+    );
+    let set = b.prompts(
+        args.rank_prompts,
+        args.rank_context,
+        7,
+        RANK_SEED,
+        true,
+        [0.0, 1.0],
+    )?;
+    let mut ranked = report.group_scores();
+    ranked.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+    let mut groups: Vec<(usize, usize)> = ranked
+        .iter()
+        .take(args.rank_candidates)
+        .map(|&(l, g, _)| (l, g))
+        .collect();
+    groups.sort_unstable();
+    let template = recurformer::model::plan::Plan::by_fraction(report, 0.0, 0)?;
+    eprintln!(
+        "rank: {} groups, each restricted alone to {} sinks + {} recent keys, on {} passkey prompts of {} tokens (seed {RANK_SEED})",
+        groups.len(),
+        args.check_sinks,
+        args.check_window,
+        args.rank_prompts,
+        args.rank_context
+    );
+    let t0 = std::time::Instant::now();
+    let pb = crate::progress_bar(groups.len() as u64, "rank");
+    let entries = recurformer::convert::ceiling::group_harm(
+        &b.loaded.model,
+        &template,
+        &set,
+        args.check_sinks,
+        args.check_window,
+        &groups,
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    eprintln!("rank: measured in {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(recurformer::model::plan::HarmRanking {
+        prompts: args.rank_prompts,
+        prompt_len: args.rank_context,
+        seed: RANK_SEED,
+        sinks: args.check_sinks,
+        window: args.check_window,
+        candidates: groups.len(),
+        groups: entries,
+    })
+}
+
+/// The causal check (`convert::ceiling`) of `plan` with the base model `b`.
+fn check(
+    args: &PlanArgs,
+    b: &Base,
     report: &RecencyReport,
     plan: recurformer::model::plan::Plan,
 ) -> Result<recurformer::model::plan::Plan> {
     use recurformer::convert::ceiling::check_plan;
-    use recurformer::convert::passkey::{passkey_cases, PasskeyOptions};
-    use recurformer::formats::text::{load_documents, token_stream};
     use recurformer::model::plan::CeilingSettings;
-    args.threads.apply();
-    let loaded = recurformer::checkpoint::loader::load(model_path)?;
-    let base = &loaded.model;
-    plan.validate(&base.cfg).with_context(|| {
-        format!(
-            "{} does not have the shape of the model {} was made from",
-            model_path.display(),
-            args.recency.display()
-        )
-    })?;
+    let base = &b.loaded.model;
     let s = CeilingSettings {
         prompts: args.check_prompts,
         prompt_len: args.check_context,
@@ -275,26 +503,13 @@ fn check(
         s.prompts,
         s.window
     );
-    let files = if args.check_data.is_empty() {
-        crate::default_calibration_files()
-    } else {
-        args.check_data.clone()
-    };
-    let eos = base.cfg.eos_token_ids.first().copied();
-    let stream = token_stream(&load_documents(&files)?, loaded.tokenizer()?, eos)?;
-    let set = passkey_cases(
-        loaded.tokenizer()?,
-        &stream,
-        eos,
-        &PasskeyOptions {
-            prompts: s.prompts,
-            prompt_len: s.prompt_len,
-            key_digits: s.key_digits,
-            seed: s.seed,
-            haystack_files: files.iter().map(|f| shown_path(f)).collect(),
-            chat: s.chat,
-            depth: s.depth,
-        },
+    let set = b.prompts(
+        s.prompts,
+        s.prompt_len,
+        s.key_digits,
+        s.seed,
+        s.chat,
+        s.depth,
     )?;
     eprintln!(
         "check: {} passkey prompts of {} tokens ({}-digit keys, depth {}..{}, {}, seed {}), restricted groups see {} sinks + {} recent keys",

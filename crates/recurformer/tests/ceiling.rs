@@ -111,3 +111,62 @@ fn the_check_measures_the_ceiling_and_keeps_only_helpful_swaps() -> Result<()> {
     assert!(!serde_json::to_string(&plan)?.contains("ceiling"));
     Ok(())
 }
+
+#[test]
+fn group_harm_is_the_answer_cost_of_restricting_one_group() -> Result<()> {
+    use recurformer::convert::ceiling::{group_harm, passkey_logprob};
+    let loaded = recurformer::checkpoint::loader::load(&default_model())?;
+    let (base, tok) = (&loaded.model, loaded.tokenizer()?);
+    let text = std::fs::read_to_string(root().join("data/text/austen/emma.txt"))?;
+    let text: String = text.chars().skip(50_000).take(40_000).collect();
+    let stream = tok.encode(&text, false)?;
+    let set = passkey_cases(
+        tok,
+        &stream,
+        None,
+        &PasskeyOptions {
+            prompts: 4,
+            prompt_len: 400,
+            key_digits: 6,
+            seed: 5,
+            haystack_files: vec!["emma.txt".into()],
+            chat: false,
+            depth: recurformer::convert::passkey::PASSKEY_DEPTH,
+        },
+    )?;
+    let template = Plan::from_groups(&base.cfg, &vec![vec![]; base.cfg.num_hidden_layers])?;
+    // L18G2 holds the strongest induction / copy heads; L1G0 is a previous-token group, exactly
+    // local, so 4 sinks + 4 recent keys lose nothing of it.
+    let groups = [(1, 0), (18, 2)];
+    let harm = group_harm(base, &template, &set, 4, 4, &groups, &mut |_, _| {})?;
+    for e in &harm {
+        println!(
+            "L{}G{}: answer {:.3} nats, prose {:.4} nats/token",
+            e.layer, e.group, e.harm.answer, e.harm.prose
+        );
+    }
+    assert_eq!(harm.len(), 2);
+    assert_eq!(
+        (harm[0].layer, harm[0].group, harm[1].layer, harm[1].group),
+        (1, 0, 18, 2)
+    );
+    assert!(
+        harm[1].harm.answer > harm[0].harm.answer + 0.5,
+        "restricting the copy group should cost the answer more than the previous-token group"
+    );
+    // The layer-skipping path equals a whole forward of the restricted model.
+    let base_lp = passkey_logprob(base, &set)?;
+    let mut sets = vec![vec![]; base.cfg.num_hidden_layers];
+    sets[18] = vec![2];
+    let one = Plan::from_groups(&base.cfg, &sets)?;
+    let lp = passkey_logprob(&base.with_kv_window(&one, 4, 4)?, &set)?;
+    let n = lp.len() as f64;
+    let answer = base_lp.iter().zip(&lp).map(|(b, w)| b.0 - w.0).sum::<f64>() / n;
+    let prose = base_lp.iter().zip(&lp).map(|(b, w)| w.1 - b.1).sum::<f64>() / n;
+    assert!(
+        (answer - harm[1].harm.answer).abs() < 1e-3 && (prose - harm[1].harm.prose).abs() < 1e-5,
+        "whole forward: answer {answer}, prose {prose}; from layer 18: {:?}",
+        harm[1].harm
+    );
+    Ok(())
+}

@@ -212,3 +212,36 @@ fn decode_kernel_matches_eager_across_key_blocks() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn forward_from_any_layer_continues_the_full_forward() -> Result<()> {
+    for name in TINY {
+        let m = load(name)?;
+        let (ids, _) = tiny_expected(name)?;
+        let want = m.forward_hidden(
+            &ids,
+            &mut m.new_cache(1, 16),
+            &ForwardOptions::default(),
+            None,
+        )?;
+        let mut inputs = Vec::new();
+        let from0 = m.forward_from_layer(0, &m.embed(&ids)?, Some(&mut inputs))?;
+        assert_eq!(inputs.len(), m.layers.len(), "{name}: one input per layer");
+        assert_eq!(max_abs_diff(&from0, &want)?, 0.0, "{name}: from layer 0");
+        for (l, x) in inputs.iter().enumerate() {
+            let d = max_abs_diff(&m.forward_from_layer(l, x, None)?, &want)?;
+            assert_eq!(d, 0.0, "{name}: from layer {l} differs by {d}");
+        }
+        // Starting from a wrong input must change the result (the test can fail).
+        let last = m.layers.len() - 1;
+        let d = max_abs_diff(&m.forward_from_layer(last, &inputs[0], None)?, &want)?;
+        assert!(
+            d > 1e-3,
+            "{name}: layer 0's input fed to layer {last} gave the same output"
+        );
+        assert!(m
+            .forward_from_layer(m.layers.len(), &inputs[0], None)
+            .is_err());
+    }
+    Ok(())
+}

@@ -14,13 +14,15 @@
 //! length and key size, so the check is not scored on the prompts the probes chose heads with;
 //! the evaluation's needle (Paul Graham essays) stays out of planning altogether.
 
-use crate::convert::probes::{CopySet, Probe};
+use crate::convert::probes::{CopyCase, CopySet, Probe};
 use crate::convert::recency::RecencyReport;
 use crate::model::llama::Model;
 use crate::model::options::ForwardOptions;
-use crate::model::plan::{CeilingCheck, CeilingSettings, Plan, SwapTrial};
+use crate::model::plan::{
+    CeilingCheck, CeilingSettings, GroupHarm, GroupHarmEntry, Plan, SwapTrial,
+};
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use std::collections::BTreeSet;
 
 /// Per prompt: whether `model` predicts every answer token as the argmax, teacher forced (one
@@ -45,6 +47,93 @@ pub fn passkey_exact_of(model: &Model, set: &CopySet, which: &[usize]) -> Result
             Ok(pred == c.ids[c.answer_start..])
         })
         .collect()
+}
+
+/// Prose tokens before the answer whose log-loss [`passkey_logprob`] also reports.
+pub const PROSE_TOKENS: usize = 256;
+
+/// Per prompt: the log-probability of the whole answer (the sum over its tokens), teacher forced
+/// — a graded version of [`passkey_exact`] that moves before an answer flips — and the mean
+/// log-loss of the [`PROSE_TOKENS`] tokens before the answer (the end of the haystack and the
+/// question), which says what the same change costs on ordinary text.
+pub fn passkey_logprob(model: &Model, set: &CopySet) -> Result<Vec<(f64, f64)>> {
+    set.cases
+        .iter()
+        .map(|c| {
+            let x = Tensor::new(c.ids.as_slice(), &model.device)?.unsqueeze(0)?; // (1, n)
+            let mut cache = model.new_cache(1, c.ids.len());
+            let h = model.forward_hidden(&x, &mut cache, &ForwardOptions::default(), None)?;
+            scores_of(model, c, &h)
+        })
+        .collect()
+}
+
+/// [`passkey_logprob`] of one prompt from its final hidden state `h` (1, n, d).
+fn scores_of(model: &Model, c: &CopyCase, h: &Tensor) -> Result<(f64, f64)> {
+    let n = c.ids.len();
+    let k = n - c.answer_start;
+    let lo = c.answer_start.saturating_sub(PROSE_TOKENS + 1).max(1);
+    // Rows lo-1 .. n-1 predict tokens lo .. n.
+    let logits = model.logits(&h.narrow(1, lo - 1, n - lo)?)?.squeeze(0)?; // (n-lo, v)
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64)?, D::Minus1)?;
+    let target = Tensor::new(&c.ids[lo..], &model.device)?.unsqueeze(1)?;
+    let lp = logp.gather(&target, 1)?.squeeze(1)?.to_vec1::<f64>()?;
+    let (prose, answer) = lp.split_at(lp.len() - k);
+    let prose_nll = -prose.iter().sum::<f64>() / prose.len().max(1) as f64;
+    Ok((answer.iter().sum::<f64>(), prose_nll))
+}
+
+/// For each KV group `(layer, group)` of `groups`: the [`GroupHarm`] of restricting that group
+/// alone, in `base`, to `sinks` + `window` recent keys, on `set` — a causal, per-group measure of
+/// what replacing the group costs, where the recency score only says how local its attention is
+/// on prose. `progress(done, total)` is called after each group.
+///
+/// Each trial changes one layer, so the base model's input to every layer is computed once per
+/// prompt and a trial runs from its layer up (`Model::forward_from_layer`): half the layers on
+/// average.
+pub fn group_harm(
+    base: &Model,
+    template: &Plan,
+    set: &CopySet,
+    sinks: usize,
+    window: usize,
+    groups: &[(usize, usize)],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<GroupHarmEntry>> {
+    let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(set.cases.len());
+    let mut base_lp = Vec::with_capacity(set.cases.len());
+    for c in &set.cases {
+        let ids = Tensor::new(c.ids.as_slice(), &base.device)?.unsqueeze(0)?;
+        let mut v = Vec::new();
+        let h = base.forward_from_layer(0, &base.embed(&ids)?, Some(&mut v))?;
+        base_lp.push(scores_of(base, c, &h)?);
+        inputs.push(v);
+    }
+    let nl = template.shape.num_layers;
+    let mut out = Vec::with_capacity(groups.len());
+    for (i, &(l, g)) in groups.iter().enumerate() {
+        let mut sets = vec![Vec::new(); nl];
+        sets[l].push(g);
+        let one = Plan::from_mamba_sets(template.shape, template.rule.clone(), &sets);
+        let m = base.with_kv_window(&one, sinks, window)?;
+        let lp = set
+            .cases
+            .iter()
+            .zip(&inputs)
+            .map(|(c, v)| scores_of(&m, c, &m.forward_from_layer(l, &v[l], None)?))
+            .collect::<Result<Vec<_>>>()?;
+        let n = lp.len() as f64;
+        out.push(GroupHarmEntry {
+            layer: l,
+            group: g,
+            harm: GroupHarm {
+                answer: base_lp.iter().zip(&lp).map(|(b, w)| b.0 - w.0).sum::<f64>() / n,
+                prose: base_lp.iter().zip(&lp).map(|(b, w)| w.1 - b.1).sum::<f64>() / n,
+            },
+        });
+        progress(i + 1, groups.len());
+    }
+    Ok(out)
 }
 
 fn count(v: &[bool]) -> usize {

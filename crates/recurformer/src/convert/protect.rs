@@ -15,7 +15,7 @@
 
 use crate::convert::probes::Probe;
 use crate::convert::recency::RecencyReport;
-use crate::model::plan::{Plan, PlanShape, ProtectRule, ProtectedGroup, Protection};
+use crate::model::plan::{HarmRanking, Plan, PlanShape, ProtectRule, ProtectedGroup, Protection};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 
@@ -211,6 +211,57 @@ pub fn plan_protecting(
     Ok(plan)
 }
 
+/// The plan that replaces `fraction` of the groups, filling the budget with the groups of `harm`'s
+/// measured entries (the most recency-aware candidates) least harmful to the answer first, the
+/// protection `rules` still applying; groups without a measurement come last, in layer order.
+/// The ranking is recorded in plan.json (`rule.harm`).
+pub fn plan_by_harm(
+    report: &RecencyReport,
+    fraction: f64,
+    min_keep: usize,
+    rules: &[ProtectRule],
+    harm: HarmRanking,
+) -> Result<Plan> {
+    let measured: std::collections::HashMap<(usize, usize), f64> = harm
+        .groups
+        .iter()
+        .map(|e| ((e.layer, e.group), e.harm.answer))
+        .collect();
+    // The selection walks scores in [0, 1], highest first: the least harmful measured group
+    // scores 1, the next ones less, every unmeasured group 0 (ties in harm: lower layer, then
+    // lower group first, as the recency rule breaks them).
+    let mut order: Vec<((usize, usize), f64)> = measured.iter().map(|(&k, &v)| (k, v)).collect();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let n = order.len() as f64;
+    let score: std::collections::HashMap<(usize, usize), f64> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, _))| (k, 1.0 - i as f64 / n))
+        .collect();
+    let mut ranked = report.clone();
+    for layer in &mut ranked.layers {
+        for g in &mut layer.groups {
+            g.mean_recency = score.get(&(layer.layer, g.group)).copied().unwrap_or(0.0);
+        }
+    }
+    let mut plan = plan_protecting(&ranked, Budget::Fraction(fraction), min_keep, rules)?;
+    let unmeasured = plan
+        .layers
+        .iter()
+        .flat_map(|l| l.mamba_groups.iter().map(move |&g| (l.layer, g)))
+        .filter(|lg| !measured.contains_key(lg))
+        .count();
+    if unmeasured > 0 {
+        bail!(
+            "the harm ranking measured {} groups, too few for a {fraction} plan: {unmeasured} \
+             replaced groups would be unmeasured (raise the candidates)",
+            measured.len()
+        );
+    }
+    plan.rule.harm = Some(harm);
+    Ok(plan)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +430,65 @@ mod tests {
         p.rule.protection.as_mut().unwrap().protected[0].group = 2;
         let e = p.validate_shape(1, 3, 3).unwrap_err().to_string();
         assert!(e.contains("protects layer 0 group 2"), "{e}");
+    }
+
+    fn harm_ranking(entries: &[(usize, usize, f64)]) -> HarmRanking {
+        use crate::model::plan::{GroupHarm, GroupHarmEntry};
+        HarmRanking {
+            prompts: 1,
+            prompt_len: 16,
+            seed: 0,
+            sinks: 4,
+            window: 32,
+            candidates: entries.len(),
+            groups: entries
+                .iter()
+                .map(|&(layer, group, answer)| GroupHarmEntry {
+                    layer,
+                    group,
+                    harm: GroupHarm { answer, prose: 0.0 },
+                })
+                .collect(),
+        }
+    }
+
+    fn replaced(p: &Plan) -> Vec<(usize, usize)> {
+        p.layers
+            .iter()
+            .flat_map(|l| l.mamba_groups.iter().map(move |&g| (l.layer, g)))
+            .collect()
+    }
+
+    #[test]
+    fn harm_ranking_replaces_the_least_harmful_candidates() {
+        // Recency would take L0G0, L1G0 (0.9, 0.8); harm says those two hurt most.
+        let r = report(
+            &[&[0.9, 0.7, 0.1], &[0.8, 0.6, 0.2]],
+            &[&[0.0; 3], &[0.0; 3]],
+        );
+        let by_recency = plan_protecting(&r, Budget::Fraction(2.0 / 6.0), 1, &[]).unwrap();
+        assert_eq!(replaced(&by_recency), vec![(0, 0), (1, 0)]);
+        let h = harm_ranking(&[(0, 0, 5.0), (0, 1, 0.1), (1, 0, 4.0), (1, 1, 0.2)]);
+        let p = plan_by_harm(&r, 2.0 / 6.0, 1, &[], h.clone()).unwrap();
+        assert_eq!(replaced(&p), vec![(0, 1), (1, 1)]);
+        assert_eq!(p.rule.harm.as_ref(), Some(&h));
+        // Protection still applies: protecting L0G1 (induction) hands the budget to the next
+        // least harmful candidate, L1G0.
+        let r2 = report(
+            &[&[0.9, 0.7, 0.1], &[0.8, 0.6, 0.2]],
+            &[&[0.0, 0.9, 0.0], &[0.0; 3]],
+        );
+        let rules = parse_rules("induction:0.5").unwrap();
+        let p2 = plan_by_harm(&r2, 2.0 / 6.0, 1, &rules, h).unwrap();
+        assert_eq!(replaced(&p2), vec![(1, 0), (1, 1)]);
+        // Too few measured groups for the budget is an error that names the numbers.
+        let few = harm_ranking(&[(0, 1, 0.1)]);
+        let e = plan_by_harm(&r, 2.0 / 6.0, 1, &[], few)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("measured 1 groups") && e.contains("1 replaced groups would be unmeasured"),
+            "{e}"
+        );
     }
 }

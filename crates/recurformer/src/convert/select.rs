@@ -156,6 +156,7 @@ impl Plan {
             recency_file: None,
             recency_model: Some(report.model.clone()),
             protection: None,
+            harm: None,
         };
         let plan = Self::from_mamba_sets(shape, rule, &chosen);
         plan.validate_shape(

@@ -516,6 +516,59 @@ impl Model {
         self.norm.forward(&x, opts)
     }
 
+    /// Layers `first..` of a whole sequence from position 0 (a fresh cache), given `x` (b, t, d),
+    /// the input of layer `first` as [`Model::forward_hidden`] computes it; returns the final-normed
+    /// hidden state. When `inputs` is given, the input of every layer run is pushed onto it. Used to
+    /// try a change to one layer without recomputing the layers below it (`convert::ceiling`).
+    pub fn forward_from_layer(
+        &self,
+        first: usize,
+        x: &Tensor,
+        mut inputs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if first >= self.layers.len() {
+            bail!(
+                "forward from layer {first}: the model has {} layers",
+                self.layers.len()
+            );
+        }
+        let opts = ForwardOptions::default();
+        let mut cache = self.new_cache(b, t);
+        let (cos, sin) = self.rope.tables(0, t, &self.device)?;
+        let mut x = x.clone();
+        for (i, (layer, lc)) in self
+            .layers
+            .iter()
+            .zip(cache.layers.iter_mut())
+            .enumerate()
+            .skip(first)
+        {
+            if let Some(v) = inputs.as_deref_mut() {
+                v.push(x.clone());
+            }
+            let mut ctx = LayerCtx {
+                layer: i,
+                rope: &self.rope,
+                cos: &cos,
+                sin: &sin,
+                opts: &opts,
+                observer: None,
+            };
+            x = layer.forward(&mut ctx, &x, lc)?;
+        }
+        self.norm.forward(&x, &opts)
+    }
+
+    /// The token embeddings of `ids` (b, t): the input of layer 0, (b, t, d).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
     /// Logits at every position: (b, t, v).
     pub fn forward(&self, ids: &Tensor, cache: &mut HybridCache) -> Result<Tensor> {
         let h = self.forward_hidden(ids, cache, &ForwardOptions::default(), None)?;

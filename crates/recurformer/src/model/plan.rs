@@ -115,6 +115,44 @@ pub struct PlanRule {
     /// ran (plans written before it, or `plan --protect none`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<Protection>,
+    /// Present when the budget was filled by causal harm instead of recency (`plan --rank harm`,
+    /// `convert::ceiling::group_harm`): the settings and every measured group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harm: Option<HarmRanking>,
+}
+
+/// What restricting one KV group alone to sinks + a recent window costs the base model, averaged
+/// over the ranking's passkey prompts (`convert::ceiling::group_harm`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct GroupHarm {
+    /// Drop of the answer's log-probability (nats, summed over the answer's tokens).
+    pub answer: f64,
+    /// Rise of the mean log-loss of the prose tokens before the answer (nats per token).
+    pub prose: f64,
+}
+
+/// One measured group of a [`HarmRanking`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupHarmEntry {
+    pub layer: usize,
+    pub group: usize,
+    #[serde(flatten)]
+    pub harm: GroupHarm,
+}
+
+/// The harm ranking of a plan: the `candidates` most recency-aware groups were each restricted
+/// alone to `sinks` + `window` recent keys on `prompts` passkey prompts of `prompt_len` tokens
+/// (chat-framed, 7-digit keys, depth 0..1, seed `seed`: not the check's prompts), and the budget
+/// was filled with the least harmful (by `answer`) of them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HarmRanking {
+    pub prompts: usize,
+    pub prompt_len: usize,
+    pub seed: u64,
+    pub sinks: usize,
+    pub window: usize,
+    pub candidates: usize,
+    pub groups: Vec<GroupHarmEntry>,
 }
 
 /// One protection rule: a KV group is kept as attention when its `probe` score (the max over its
@@ -317,6 +355,7 @@ impl Plan {
             recency_file: None,
             recency_model: None,
             protection: None,
+            harm: None,
         };
         Self::from_mamba_sets(shape, rule, &vec![Vec::new(); shape.num_layers])
     }
@@ -338,6 +377,7 @@ impl Plan {
             recency_file: None,
             recency_model: None,
             protection: None,
+            harm: None,
         };
         let plan = Self::from_mamba_sets(shape, rule, mamba);
         plan.validate(cfg)?;
