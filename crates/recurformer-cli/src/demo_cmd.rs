@@ -27,6 +27,13 @@ pub(crate) struct DemoArgs {
     /// layer).
     #[arg(long, default_value_t = 0.5)]
     fraction: f64,
+    /// How the plan fills its budget (`plan --rank`). `harm`: the 60 most recency-aware groups are
+    /// each restricted alone to the window in the base model and those that cost its passkey
+    /// answers least are replaced (~23 minutes on 2 cores; at 50 % its untrained conversion finds
+    /// 56 of 60 needles against 51 for `recency`, BENCHMARKS.md, "Groups ranked by causal harm").
+    /// `recency`: the most recency-aware groups (seconds).
+    #[arg(long, value_enum, default_value_t = crate::plan_cmd::Rank::Harm)]
+    rank: crate::plan_cmd::Rank,
     /// Training budget in minutes (a quarter alignment, the rest distillation). Quality grows with
     /// it: see BENCHMARKS.md for 17- and 58-minute runs.
     #[arg(long, default_value_t = 10.0)]
@@ -201,11 +208,22 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
         },
         Stage {
             name: "plan",
-            what: "keep the retrieval heads' groups, replace the most recency-aware of the rest",
+            what: if a.rank == crate::plan_cmd::Rank::Harm {
+                "keep the retrieval heads' groups, replace the recency-aware groups whose loss costs passkeys least"
+            } else {
+                "keep the retrieval heads' groups, replace the most recency-aware of the rest"
+            },
             args: cmd("plan")
                 .path("--recency", &ps.recency)
                 .flag("--replace-fraction", &[a.fraction])
                 .flag("--min-attention-groups-per-layer", &[1])
+                .flag(
+                    "--rank",
+                    &[match a.rank {
+                        crate::plan_cmd::Rank::Harm => "harm",
+                        crate::plan_cmd::Rank::Recency => "recency",
+                    }],
+                )
                 .path("--out", &ps.plan)
                 .path("--heatmap", &ps.plan_png)
                 // The causal check: chat-framed passkeys with the planned groups restricted to the
@@ -230,12 +248,20 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                         "256",
                         "--max-swaps",
                         "1",
+                        "--rank-prompts",
+                        "1",
+                        "--rank-context",
+                        "256",
                     ],
                 )
                 .threads(a.threads)
                 .build(),
             outputs: vec![ps.plan.clone(), ps.plan_png.clone()],
-            estimate_s: if q { 10.0 } else { 150.0 },
+            estimate_s: match (q, a.rank) {
+                (true, _) => 10.0,
+                (false, crate::plan_cmd::Rank::Harm) => 150.0 + 1400.0,
+                (false, crate::plan_cmd::Rank::Recency) => 150.0,
+            },
         },
         Stage {
             name: "convert",
