@@ -14,6 +14,19 @@ pub fn graph_kernels() -> bool {
     })
 }
 
+/// The contiguous data of a CPU tensor `what`, an input of the op `op`, as a slice.
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: {what} is not contiguous");
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
 /// The float types the kernels run in (f32 for training and inference, f64 for gradient checks).
 pub(crate) trait Real:
     Copy

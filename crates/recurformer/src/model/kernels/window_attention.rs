@@ -87,7 +87,8 @@ impl WindowAttention {
         s: [(&CpuStorage, &Layout); 3],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(s[0].1.shape(), s[1].1.shape(), s[2].1.shape())?;
-        let [q, k, v] = [0, 1, 2].map(|x| slice::<T>(s[x].0, s[x].1));
+        let [q, k, v] = [(0, "q"), (1, "k"), (2, "v")]
+            .map(|(x, what)| super::cpu_slice::<T>(s[x].0, s[x].1, "window-attention", what));
         let (q, k, v) = (q?, k?, v?);
         let Dims { b, n, nkv, t, hd } = d;
         let g = n / nkv;
@@ -188,16 +189,6 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     a.iter()
         .zip(b)
         .fold(T::default(), |acc, (&x, &y)| acc + x * y)
-}
-
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("window-attention: an input is not contiguous");
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
 }
 
 impl CustomOp3 for WindowAttention {

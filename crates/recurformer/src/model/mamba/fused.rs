@@ -26,7 +26,7 @@
 //! heads still fills both cores. The sums over rows (∂B, ∂C, ∂ΔA) are per-lane partial sums added
 //! in a fixed order afterwards, so results do not depend on the thread count.
 
-use crate::model::kernels::Real;
+use crate::model::kernels::{cpu_slice, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -237,25 +237,14 @@ fn lanes(d: Dims) -> Vec<(usize, usize, usize, usize)> {
         .collect()
 }
 
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("selective-scan: {what} is not contiguous");
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
-
 fn forward_typed<T: Real>(
     s: [(&CpuStorage, &Layout); 3],
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let d = Dims::of(s[0].1.shape(), s[1].1.shape(), s[2].1.shape())?;
     let (da, u, bc) = (
-        slice::<T>(s[0].0, s[0].1, "ΔA")?,
-        slice::<T>(s[1].0, s[1].1, "u")?,
-        slice::<T>(s[2].0, s[2].1, "[B|C]")?,
+        cpu_slice::<T>(s[0].0, s[0].1, "selective-scan", "ΔA")?,
+        cpu_slice::<T>(s[1].0, s[1].1, "selective-scan", "u")?,
+        cpu_slice::<T>(s[2].0, s[2].1, "selective-scan", "[B|C]")?,
     );
     let per: Vec<Vec<T>> = lanes(d)
         .into_par_iter()
