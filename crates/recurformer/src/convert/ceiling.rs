@@ -37,16 +37,20 @@ pub fn passkey_exact_of(model: &Model, set: &CopySet, which: &[usize]) -> Result
         .iter()
         .map(|&i| {
             let c = &set.cases[i];
-            let n = c.ids.len();
-            let k = n - c.answer_start;
-            let x = Tensor::new(c.ids.as_slice(), &model.device)?.unsqueeze(0)?; // (1, n)
-            let mut cache = model.new_cache(1, n);
-            let h = model.forward_hidden(&x, &mut cache, &ForwardOptions::default(), None)?;
+            let k = c.ids.len() - c.answer_start;
+            let h = final_hidden(model, c)?;
             let logits = model.logits(&h.narrow(1, c.answer_start - 1, k)?)?; // (1, k, v)
             let pred = logits.argmax(D::Minus1)?.squeeze(0)?.to_vec1::<u32>()?;
             Ok(pred == c.ids[c.answer_start..])
         })
         .collect()
+}
+
+/// The final-normed hidden state (1, n, d) of one prompt, whole, from a fresh cache.
+fn final_hidden(model: &Model, c: &CopyCase) -> Result<Tensor> {
+    let x = Tensor::new(c.ids.as_slice(), &model.device)?.unsqueeze(0)?; // (1, n)
+    let mut cache = model.new_cache(1, c.ids.len());
+    model.forward_hidden(&x, &mut cache, &ForwardOptions::default(), None)
 }
 
 /// Prose tokens before the answer whose log-loss [`passkey_logprob`] also reports.
@@ -59,12 +63,7 @@ pub const PROSE_TOKENS: usize = 256;
 pub fn passkey_logprob(model: &Model, set: &CopySet) -> Result<Vec<(f64, f64)>> {
     set.cases
         .iter()
-        .map(|c| {
-            let x = Tensor::new(c.ids.as_slice(), &model.device)?.unsqueeze(0)?; // (1, n)
-            let mut cache = model.new_cache(1, c.ids.len());
-            let h = model.forward_hidden(&x, &mut cache, &ForwardOptions::default(), None)?;
-            scores_of(model, c, &h)
-        })
+        .map(|c| scores_of(model, c, &final_hidden(model, c)?))
         .collect()
 }
 

@@ -477,7 +477,7 @@ impl Model {
         opts: &ForwardOptions,
         mut observer: Option<&mut ProbsObserver>,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         if t == 0 {
             bail!("forward called with no tokens");
         }
@@ -496,10 +496,7 @@ impl Model {
             );
         }
         let offset = cache.seq_len;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?; // (b, t, d)
+        let mut x = self.embed(ids)?; // (b, t, d)
         let (cos, sin) = self.rope.tables(offset, t, &self.device)?;
         for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let mut ctx = LayerCtx {

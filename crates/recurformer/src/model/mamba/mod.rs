@@ -155,9 +155,12 @@ impl Default for Scan {
     /// although the op itself matches the token-by-token reference exactly: not the default until
     /// that is understood. `RECURFORMER_FUSED_SCAN=1` selects it.
     fn default() -> Self {
-        if std::env::var("RECURFORMER_FUSED_SCAN").is_ok_and(|v| !v.is_empty() && v != "0")
-            && !crate::model::kernels::graph_kernels()
-        {
+        // Read once: this runs for every mixer of every forward.
+        static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let fused = *FUSED.get_or_init(|| {
+            std::env::var("RECURFORMER_FUSED_SCAN").is_ok_and(|v| !v.is_empty() && v != "0")
+        });
+        if fused && !crate::model::kernels::graph_kernels() {
             Scan::Fused
         } else {
             Scan::Chunked {
