@@ -76,6 +76,10 @@ pub struct PlanArgs {
     /// Tokens per harm-ranking prompt before the answer.
     #[arg(long, default_value_t = 1024)]
     pub rank_context: usize,
+    /// Range of the needle's depth in the harm ranking's prompts (two fractions of the filler, low
+    /// first): early needles are the farthest back, the ones a restricted group loses first.
+    #[arg(long, num_args = 2, value_names = ["LO", "HI"], default_values_t = [0.0, 1.0])]
+    pub rank_depth: Vec<f64>,
     /// Groups the harm ranking measures, the most recency-aware first (the rest stay attention).
     #[arg(long, default_value_t = 60)]
     pub rank_candidates: usize,
@@ -433,7 +437,7 @@ fn rank_by_harm(
         7,
         RANK_SEED,
         true,
-        [0.0, 1.0],
+        [args.rank_depth[0], args.rank_depth[1]],
     )?;
     let mut ranked = report.group_scores();
     ranked.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
@@ -445,12 +449,14 @@ fn rank_by_harm(
     groups.sort_unstable();
     let template = recurformer::model::plan::Plan::by_fraction(report, 0.0, 0)?;
     eprintln!(
-        "rank: {} groups, each restricted alone to {} sinks + {} recent keys, on {} passkey prompts of {} tokens (seed {RANK_SEED})",
+        "rank: {} groups, each restricted alone to {} sinks + {} recent keys, on {} passkey prompts of {} tokens (depth {}..{}, seed {RANK_SEED})",
         groups.len(),
         args.check_sinks,
         args.check_window,
         args.rank_prompts,
-        args.rank_context
+        args.rank_context,
+        args.rank_depth[0],
+        args.rank_depth[1]
     );
     let t0 = std::time::Instant::now();
     let pb = crate::progress_bar(groups.len() as u64, "rank");
@@ -468,6 +474,7 @@ fn rank_by_harm(
     Ok(recurformer::model::plan::HarmRanking {
         prompts: args.rank_prompts,
         prompt_len: args.rank_context,
+        depth: [args.rank_depth[0], args.rank_depth[1]],
         seed: RANK_SEED,
         sinks: args.check_sinks,
         window: args.check_window,

@@ -437,6 +437,7 @@ mod tests {
         HarmRanking {
             prompts: 1,
             prompt_len: 16,
+            depth: [0.0, 1.0],
             seed: 0,
             sinks: 4,
             window: 32,

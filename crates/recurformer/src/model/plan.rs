@@ -142,17 +142,24 @@ pub struct GroupHarmEntry {
 
 /// The harm ranking of a plan: the `candidates` most recency-aware groups were each restricted
 /// alone to `sinks` + `window` recent keys on `prompts` passkey prompts of `prompt_len` tokens
-/// (chat-framed, 7-digit keys, depth 0..1, seed `seed`: not the check's prompts), and the budget
-/// was filled with the least harmful (by `answer`) of them.
+/// (chat-framed, 7-digit keys, the needle's depth drawn from `depth`, seed `seed`: not the check's
+/// prompts), and the budget was filled with the least harmful (by `answer`) of them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HarmRanking {
     pub prompts: usize,
     pub prompt_len: usize,
+    /// Range of the needle's depth in the prompts' filler (plans before this field: 0..1).
+    #[serde(default = "full_depth")]
+    pub depth: [f64; 2],
     pub seed: u64,
     pub sinks: usize,
     pub window: usize,
     pub candidates: usize,
     pub groups: Vec<GroupHarmEntry>,
+}
+
+fn full_depth() -> [f64; 2] {
+    [0.0, 1.0]
 }
 
 /// One protection rule: a KV group is kept as attention when its `probe` score (the max over its
@@ -739,5 +746,24 @@ pub fn human_bytes(b: usize) -> String {
         format!("{x:.0} {}", units[u])
     } else {
         format!("{x:.2} {}", units[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HarmRanking;
+
+    #[test]
+    fn a_harm_ranking_written_before_the_depth_field_loads_with_the_full_range() {
+        let old = r#"{"prompts":8,"prompt_len":1024,"seed":2001,"sinks":4,"window":32,"candidates":0,"groups":[]}"#;
+        let r: HarmRanking = serde_json::from_str(old).unwrap();
+        assert_eq!(r.depth, [0.0, 1.0]);
+        let new = serde_json::to_string(&HarmRanking {
+            depth: [0.0, 0.3],
+            ..r
+        })
+        .unwrap();
+        let back: HarmRanking = serde_json::from_str(&new).unwrap();
+        assert_eq!(back.depth, [0.0, 0.3]);
     }
 }
