@@ -84,9 +84,11 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 60)]
     pub rank_candidates: usize,
     /// Reuse the harm ranking of an earlier plan.json (`rule.harm`) instead of measuring it again:
-    /// another fraction or protection rule from the same measurement, in seconds.
+    /// another fraction or protection rule from the same measurement, in seconds. Given several
+    /// times (rankings of the same candidates on other prompts, e.g. --rank-context 1024 and
+    /// 4096), each group costs the most it cost in any of them.
     #[arg(long, value_name = "PLAN_JSON")]
-    pub rank_from: Option<PathBuf>,
+    pub rank_from: Vec<PathBuf>,
     /// Run the causal check with this base model (the one the report was made from): the base
     /// with the planned groups restricted to --check-sinks sink tokens + --check-window recent
     /// keys is scored on held-out passkey prompts cut from the calibration text; while it finds
@@ -147,12 +149,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
         );
         rules.clear();
     }
-    if args.rank_from.is_some() && args.rank != Rank::Harm {
+    if !args.rank_from.is_empty() && args.rank != Rank::Harm {
         anyhow::bail!("--rank-from gives a harm ranking: use it with --rank harm");
     }
-    let base = match (&args.check_model, args.rank, &args.rank_from) {
+    let base = match (&args.check_model, args.rank, args.rank_from.is_empty()) {
         (Some(m), _, _) => Some(load_base(&args, m, &report)?),
-        (None, Rank::Harm, None) => anyhow::bail!(
+        (None, Rank::Harm, true) => anyhow::bail!(
             "--rank harm measures each group in the base model: give it with --check-model \
              (or reuse a measured ranking with --rank-from)"
         ),
@@ -160,10 +162,18 @@ pub fn run(args: PlanArgs) -> Result<()> {
     };
     let mut plan = match (args.rank, budget) {
         (Rank::Harm, Budget::Fraction(f)) => {
-            let ranking = match (&args.rank_from, &base) {
-                (Some(path), _) => load_ranking(path, &report)?,
-                (None, Some(b)) => rank_by_harm(&args, b, &report)?,
-                (None, None) => unreachable!("checked above"),
+            let ranking = match (args.rank_from.is_empty(), &base) {
+                (false, _) => {
+                    let parts = args
+                        .rank_from
+                        .iter()
+                        .map(|p| load_ranking(p, &report))
+                        .collect::<Result<Vec<_>>>()?;
+                    let names: Vec<String> = args.rank_from.iter().map(|p| shown_path(p)).collect();
+                    recurformer::model::plan::HarmRanking::merge_max(parts, &names)?
+                }
+                (true, Some(b)) => rank_by_harm(&args, b, &report)?,
+                (true, None) => unreachable!("checked above"),
             };
             recurformer::convert::protect::plan_by_harm(&report, f, k, &rules, ranking)?
         }
@@ -480,6 +490,7 @@ fn rank_by_harm(
         window: args.check_window,
         candidates: groups.len(),
         groups: entries,
+        merged_from: Vec::new(),
     })
 }
 

@@ -441,6 +441,7 @@ mod tests {
             seed: 0,
             sinks: 4,
             window: 32,
+            merged_from: Vec::new(),
             candidates: entries.len(),
             groups: entries
                 .iter()

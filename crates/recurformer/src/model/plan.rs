@@ -156,6 +156,71 @@ pub struct HarmRanking {
     pub window: usize,
     pub candidates: usize,
     pub groups: Vec<GroupHarmEntry>,
+    /// When this ranking combines several measurements (`plan --rank-from A --rank-from B`): the
+    /// measurements themselves; `groups` then holds each group's largest cost over them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<HarmRanking>,
+}
+
+impl HarmRanking {
+    /// Combines rankings measured on different prompts (contexts, depths) of the same candidate
+    /// groups: each group costs the most it cost in any of them, so a group that one setting
+    /// shows to be needed is kept even where another sees no loss. `names` label the parts in
+    /// errors. The header fields (prompts, context, ...) are the first part's; all parts are kept
+    /// in `merged_from`.
+    pub fn merge_max(parts: Vec<HarmRanking>, names: &[String]) -> anyhow::Result<HarmRanking> {
+        anyhow::ensure!(!parts.is_empty(), "no harm ranking to merge");
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        let key = |r: &HarmRanking| {
+            let mut k: Vec<(usize, usize)> = r.groups.iter().map(|e| (e.layer, e.group)).collect();
+            k.sort_unstable();
+            k
+        };
+        let first = key(&parts[0]);
+        for (i, p) in parts.iter().enumerate().skip(1) {
+            if key(p) != first {
+                anyhow::bail!(
+                    "the harm rankings of {} and {} measured different groups ({} and {}): merge                      rankings of the same candidates",
+                    names.first().map(String::as_str).unwrap_or("part 0"),
+                    names.get(i).map(String::as_str).unwrap_or("another part"),
+                    parts[0].groups.len(),
+                    p.groups.len()
+                );
+            }
+        }
+        let mut groups = parts[0].groups.clone();
+        for g in &mut groups {
+            for p in &parts[1..] {
+                let e = p
+                    .groups
+                    .iter()
+                    .find(|e| (e.layer, e.group) == (g.layer, g.group))
+                    .expect("same groups, checked above");
+                g.harm.answer = g.harm.answer.max(e.harm.answer);
+                g.harm.prose = g.harm.prose.max(e.harm.prose);
+            }
+        }
+        let flat: Vec<HarmRanking> = parts
+            .into_iter()
+            .flat_map(|p| {
+                if p.merged_from.is_empty() {
+                    vec![p]
+                } else {
+                    p.merged_from
+                }
+            })
+            .collect();
+        Ok(HarmRanking {
+            groups,
+            merged_from: flat.clone(),
+            ..HarmRanking {
+                merged_from: Vec::new(),
+                ..flat[0].clone()
+            }
+        })
+    }
 }
 
 fn full_depth() -> [f64; 2] {
@@ -751,7 +816,7 @@ pub fn human_bytes(b: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::HarmRanking;
+    use super::{GroupHarm, GroupHarmEntry, HarmRanking};
 
     #[test]
     fn a_harm_ranking_written_before_the_depth_field_loads_with_the_full_range() {
@@ -765,5 +830,55 @@ mod tests {
         .unwrap();
         let back: HarmRanking = serde_json::from_str(&new).unwrap();
         assert_eq!(back.depth, [0.0, 0.3]);
+    }
+
+    fn ranking(len: usize, costs: &[(usize, usize, f64)]) -> HarmRanking {
+        HarmRanking {
+            prompts: 4,
+            prompt_len: len,
+            depth: [0.0, 1.0],
+            seed: 1,
+            sinks: 4,
+            window: 32,
+            candidates: costs.len(),
+            groups: costs
+                .iter()
+                .map(|&(layer, group, answer)| GroupHarmEntry {
+                    layer,
+                    group,
+                    harm: GroupHarm {
+                        answer,
+                        prose: answer / 10.0,
+                    },
+                })
+                .collect(),
+            merged_from: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn merged_rankings_keep_each_groups_largest_cost_and_their_parts() {
+        let short = ranking(1024, &[(0, 0, 0.3), (1, 2, 0.0), (2, 1, -0.1)]);
+        let long = ranking(4096, &[(2, 1, 0.5), (0, 0, 0.1), (1, 2, 0.02)]);
+        let names = ["a".to_string(), "b".to_string()];
+        let m = HarmRanking::merge_max(vec![short.clone(), long.clone()], &names).unwrap();
+        let cost = |l, g| {
+            m.groups
+                .iter()
+                .find(|e| (e.layer, e.group) == (l, g))
+                .unwrap()
+                .harm
+                .answer
+        };
+        assert_eq!((cost(0, 0), cost(1, 2), cost(2, 1)), (0.3, 0.02, 0.5));
+        assert_eq!(m.prompt_len, 1024);
+        assert_eq!(m.merged_from, vec![short.clone(), long.clone()]);
+        // Merging a merge flattens the parts.
+        let again = HarmRanking::merge_max(vec![m, long.clone()], &names).unwrap();
+        assert_eq!(again.merged_from.len(), 3);
+        // Different candidates are refused, naming the files.
+        let other = ranking(4096, &[(0, 0, 0.1), (1, 2, 0.0), (3, 0, 0.0)]);
+        let e = HarmRanking::merge_max(vec![short, other], &names).unwrap_err();
+        assert!(e.to_string().contains("a and b"), "{e}");
     }
 }
