@@ -785,7 +785,12 @@ fn report(
             human_bytes(b - t)
         ));
     }
-    md.push_str("\nf32 cache, batch 1. The bench stage measures the same bytes in the running engine (table below).\n\n");
+    md.push_str(&format!(
+        "\nThe plan's prediction for an f32 cache, batch 1. The eval and bench stages run with the \
+         default `--kv {}` cache{}, and bench measures its bytes in the running engine (table below).\n\n",
+        crate::DEFAULT_KV,
+        if crate::DEFAULT_KV == "f16" { " (half these KV bytes)" } else { "" }
+    ));
 
     // Perplexity: base, untrained, trained at each context.
     let res = ppl["results"].as_array().cloned().unwrap_or_default();
