@@ -194,7 +194,11 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
             n.push_str(&format!(" [{} KV]", r.kv));
         }
         if a.prefill_attention.len() > 1 {
-            n.push_str(if r.chunked { " [chunked prefill]" } else { " [tiled prefill]" });
+            n.push_str(if r.chunked {
+                " [chunked prefill]"
+            } else {
+                " [tiled prefill]"
+            });
         }
         n
     };

@@ -72,8 +72,14 @@ fn f16_decode_kernel_matches_the_f32_kernel_and_the_eager_path() -> Result<()> {
                 "t={t} {isa:?}: f16 vs f32 kernel {d_kernel:.2e}, vs eager {d_eager:.2e}, \
                  vs unrounded f32 {d_round:.2e}"
             );
-            assert!(d_kernel <= 1e-5, "t={t} {isa:?}: f16 vs f32 kernel {d_kernel}");
-            assert!(d_eager <= 1e-5, "t={t} {isa:?}: f16 kernel vs eager {d_eager}");
+            assert!(
+                d_kernel <= 1e-5,
+                "t={t} {isa:?}: f16 vs f32 kernel {d_kernel}"
+            );
+            assert!(
+                d_eager <= 1e-5,
+                "t={t} {isa:?}: f16 kernel vs eager {d_eager}"
+            );
             // Rounding keys of scale 2 and values of scale 1 to f16 (11-bit mantissa) moves the
             // output by about 1e-3 at most, and by something.
             assert!(d_round > 0.0 && d_round < 1e-2, "t={t} {isa:?}: {d_round}");
@@ -169,7 +175,9 @@ fn check_settings(name: &str, m: &Model, ids: &Tensor) -> Result<()> {
             KvDtype::F32 => 1e-4,
             KvDtype::F16 => 1e-3,
         };
-        println!("{name} [{kv}]: cached vs full {d:.2e}, fast vs eager {de:.2e} (tolerance {tol:e})");
+        println!(
+            "{name} [{kv}]: cached vs full {d:.2e}, fast vs eager {de:.2e} (tolerance {tol:e})"
+        );
         assert!(d <= tol, "{name} [{kv}]: cached decode differs by {d}");
         assert!(de <= tol, "{name} [{kv}]: fast vs eager {de}");
         // Cache bytes follow the dtype and the per-token formula.
@@ -177,7 +185,11 @@ fn check_settings(name: &str, m: &Model, ids: &Tensor) -> Result<()> {
         m.forward(ids, &mut c)?;
         let (per_tok, state) = m.cache_bytes_per_token_and_state();
         assert_eq!(c.bytes().kv, per_tok * ids.dim(1)?, "{name} [{kv}]");
-        assert_eq!(c.bytes().recurrent + c.bytes().window, state, "{name} [{kv}]");
+        assert_eq!(
+            c.bytes().recurrent + c.bytes().window,
+            state,
+            "{name} [{kv}]"
+        );
         fulls.push(full);
     }
     let scale = fulls[0].abs()?.max_all()?.to_scalar::<f32>()?;

@@ -459,12 +459,9 @@ impl Model {
             .layers
             .iter()
             .map(|l| LayerCache {
-                kv: l
-                    .self_attn
-                    .as_ref()
-                    .map(|a| {
-                        KvCache::new_typed(batch, a.n_kv_heads, a.head_dim, capacity, self.kv_dtype)
-                    }),
+                kv: l.self_attn.as_ref().map(|a| {
+                    KvCache::new_typed(batch, a.n_kv_heads, a.head_dim, capacity, self.kv_dtype)
+                }),
                 // A zero state of a shape fixed by the validated config: only an out-of-memory
                 // condition can fail here.
                 recurrent: l.mixer.as_ref().map(|m| {

@@ -286,7 +286,8 @@ impl LocalAttention {
         let mut outs = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
             let (k_all, v_all, layout) = cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-            outs.push(self.attend(&q.narrow(0, i, 1)?, &k_all, &v_all, layout, &opts)?); // (1, heads, 1, hd)
+            let qi = q.narrow(0, i, 1)?; // (1, heads, 1, hd)
+            outs.push(self.attend(&qi, &k_all, &v_all, layout, &opts)?); // (1, heads, 1, hd)
         }
         let o = Tensor::cat(&outs, 0)?; // (n, heads, 1, hd)
         Ok(o.transpose(1, 2)?

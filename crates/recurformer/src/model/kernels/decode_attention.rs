@@ -50,14 +50,16 @@ pub(crate) fn view<'a, E: KvElem>(
 ) -> Result<View<'a, E>> {
     let Some(data) = E::slice(s) else {
         candle_core::bail!(
-            "{op}: {what} is {:?}, expected {:?}",
+            "{op}: {what} is {:?}, expected {}",
             s.dtype(),
             std::any::type_name::<E>()
         );
     };
     let st = l.stride();
     if st.len() != 4 || st[3] != 1 {
-        candle_core::bail!("{op}: {what} needs rank 4 with a contiguous last dim, got strides {st:?}");
+        candle_core::bail!(
+            "{op}: {what} needs rank 4 with a contiguous last dim, got strides {st:?}"
+        );
     }
     Ok(View {
         data,
@@ -268,7 +270,13 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 
 /// [`decode_attention`] on a given instruction set, which must be one of `Isa::available()`
 /// (tests compare the sets).
-pub fn decode_attention_on(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn decode_attention_on(
+    isa: Isa,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     if !Isa::available().contains(&isa) {
         candle_core::bail!("decode attention: this CPU cannot run {isa:?}");
     }
@@ -281,4 +289,3 @@ pub fn decode_attention_on(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, scale: 
         },
     )
 }
-

@@ -264,7 +264,10 @@ impl<E: KvElem> Job<'_, E> {
                     for (d, &x) in krow.iter().enumerate() {
                         kt[d * BC + jj] = x;
                     }
-                    O::load(&mut vt[jj * hdp..jj * hdp + hd], self.v.row(bi, kh, r0 + jj, hd));
+                    O::load(
+                        &mut vt[jj * hdp..jj * hdp + hd],
+                        self.v.row(bi, kh, r0 + jj, hd),
+                    );
                 }
                 for jj in n..ncols {
                     for d in 0..hd {
@@ -358,7 +361,9 @@ impl PrefillAttention {
             || t == 0
             || s < t + rule.sink_rows
             || rule.sink_rows > rule.first_pos
-            || rule.window.is_some_and(|(sinks, w)| w == 0 || rule.sink_rows > sinks)
+            || rule
+                .window
+                .is_some_and(|(sinks, w)| w == 0 || rule.sink_rows > sinks)
         {
             candle_core::bail!(
                 "{OP}: q {:?}, k {:?}, v {:?} with {rule:?} do not fit together",
@@ -547,11 +552,18 @@ mod tests {
             };
             for dt in [DType::F32, DType::F16] {
                 let (kd, vd) = (k.to_dtype(dt)?, v.to_dtype(dt)?);
-                let want = eager(&q, &kd.to_dtype(DType::F32)?, &vd.to_dtype(DType::F32)?, rule)?;
+                let want = eager(
+                    &q,
+                    &kd.to_dtype(DType::F32)?,
+                    &vd.to_dtype(DType::F32)?,
+                    rule,
+                )?;
                 for &isa in &sets {
                     let got = prefill_attention_on(isa, &q, &kd, &vd, rule)?;
                     let d = max_diff(&got, &want)?;
-                    println!("t {t} s {s} nh {nh}/{nkv} hd {hd} {window:?} {dt:?} {isa:?}: {d:.2e}");
+                    println!(
+                        "t {t} s {s} nh {nh}/{nkv} hd {hd} {window:?} {dt:?} {isa:?}: {d:.2e}"
+                    );
                     assert!(d < 2e-5, "t {t} s {s} {window:?} {dt:?} {isa:?}: {d}");
                 }
             }
@@ -577,7 +589,10 @@ mod tests {
         // WindowKv keeps the sinks and the window - 1 positions before the new keys.
         let first = total - t - (w - 1);
         let pick = |x: &Tensor| -> Result<Tensor> {
-            Tensor::cat(&[x.narrow(2, 0, sinks)?, x.narrow(2, first, total - first)?], 2)
+            Tensor::cat(
+                &[x.narrow(2, 0, sinks)?, x.narrow(2, first, total - first)?],
+                2,
+            )
         };
         let got = prefill_attention(
             &q,

@@ -441,7 +441,10 @@ mod tests {
             let mut l = vec![0f32; n];
             O::load(&mut l, &k16);
             for i in 0..n {
-                assert!((a[i] - (q[i] + 0.5 * k32[i])).abs() < 1e-5, "{name} axpy n={n}");
+                assert!(
+                    (a[i] - (q[i] + 0.5 * k32[i])).abs() < 1e-5,
+                    "{name} axpy n={n}"
+                );
                 assert_eq!(l[i], k32[i], "{name} load n={n}");
             }
         }
