@@ -523,13 +523,14 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     drop(on_token);
     println!();
     eprintln!(
-        "[prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.1} tok/s | cache {} (KV {}, recurrent {}){}]",
+        "[prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.1} tok/s | cache {} (KV {} in {}, recurrent {}){}]",
         stats.prompt_tokens,
         stats.prefill_tok_s(),
         stats.generated_tokens,
         stats.decode_tok_s(),
         human_bytes(stats.cache.total() as f64),
         human_bytes(stats.cache.kv as f64),
+        a.weights.kv.kv,
         human_bytes(stats.cache.recurrent as f64),
         if stats.stopped_at_eos { ", stopped at EOS" } else { "" }
     );
