@@ -15,7 +15,7 @@ use crate::model::layers::{Linear, Rope};
 use crate::model::options::{AttentionImpl, AttnObservation, ForwardOptions, ProbsObserver};
 use crate::model::window::{windowed_attention, KeyLayout, KvWindow};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 /// Additive causal mask for `t` queries at positions offset.. against `s` keys: (t, s).
 pub fn causal_mask(t: usize, s: usize, offset: usize, device: &Device) -> Result<Tensor> {
@@ -76,8 +76,9 @@ fn attention_impl(
     let offset = s - t;
     let scale = 1.0 / (hd as f64).sqrt();
     let cpu = inp.q.device().is_cpu();
-    // The graph paths below run in f32: an f16 cache is widened for them.
-    let widen = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::F32)?) };
+    // The graph paths below run in the queries' type (f32; f64 in gradient checks): an f16
+    // cache is widened to it for them.
+    let widen = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(inp.q.dtype())?) };
     match inp.opts.attention {
         AttentionImpl::Eager => {
             let (k, v) = (&widen(inp.k)?, &widen(inp.v)?);
@@ -369,8 +370,8 @@ impl Attention {
         } else {
             windowed_attention(
                 &qw,
-                &kw.to_dtype(DType::F32)?,
-                &vw.to_dtype(DType::F32)?,
+                &kw.to_dtype(qw.dtype())?,
+                &vw.to_dtype(qw.dtype())?,
                 KeyLayout::default(),
                 w.sinks,
                 w.window,
