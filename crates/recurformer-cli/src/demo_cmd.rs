@@ -399,10 +399,10 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                 .flag("--reference", &["none"])
                 .sizes(
                     &["--contexts", "1024", "4096", "8192"],
-                    // Above the break-even length: the 50 % hybrid's constant state (3.0 MiB with
-                    // the windowed heads) outweighs the 22.5 KiB per token it saves below ~140
-                    // tokens.
-                    &["--contexts", "256", "512", "--decode-steps", "4"],
+                    // Above the break-even length: the 50 % hybrid's constant f32 state (3.0 MiB
+                    // with the windowed heads) outweighs the KV bytes it saves per token (11.25 KiB
+                    // with the default f16 cache, 22.5 KiB in f32) below ~275 tokens.
+                    &["--contexts", "512", "768", "--decode-steps", "4"],
                 )
                 .path("--out", &ps.bench)
                 .threads(a.threads)
