@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use recurformer::eval::bench::BenchPoint;
 use recurformer::formats::io::shown_path;
+use recurformer::model::cache::KvDtype;
 use recurformer::model::quant::WeightFormat;
 use recurformer::report::{line_chart, LineChart, Series};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,15 @@ pub(crate) struct BenchArgs {
     /// `generate --weights`): every model runs once per format, in its own child process.
     #[arg(long, num_args = 1.., default_values_t = [WeightFormat::F32], value_parser = crate::parse_weights)]
     pub weights: Vec<WeightFormat>,
+    /// KV-cache element types to measure each model in (`generate --kv`): every model and
+    /// weight format runs once per type, in its own child process.
+    #[arg(long, num_args = 1.., default_values = [crate::DEFAULT_KV], value_parser = crate::parse_kv)]
+    pub kv: Vec<KvDtype>,
+    /// Prefill attention paths to measure: `tiled` (the online-softmax kernel, the default
+    /// everywhere) and `chunked` (score blocks through candle's GEMM, the path before it, as
+    /// `RECURFORMER_CHUNKED_PREFILL=1` selects): every run above once per path.
+    #[arg(long, num_args = 1.., default_values = ["tiled"], value_parser = ["tiled", "chunked"])]
+    pub prefill_attention: Vec<String>,
     /// Grow one cache through the contexts instead of prefilling each from scratch (much faster
     /// at long contexts; prefill tok/s is then per segment and no time to first token is
     /// reported). Decode figures are unaffected.
@@ -100,7 +110,7 @@ pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
     };
     for p in &points {
         eprintln!(
-            "  {} ctx {}: {}prefill {:.1} tok/s, decode {:.2} tok/s, cache {}, peak RSS {}",
+            "  {} ctx {}: {}prefill {:.1} tok/s, decode {:.2} tok/s, cache {} ({} KV), peak RSS {}",
             a.model.path().display(),
             p.context,
             p.ttft_s
@@ -109,6 +119,7 @@ pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
             p.prefill_tok_s,
             p.decode_tok_s,
             human_bytes(p.cache_bytes as f64),
+            a.weights.kv.kv,
             human_bytes(p.peak_rss_bytes as f64)
         );
     }
@@ -120,6 +131,15 @@ pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// One measured configuration.
+struct Run {
+    path: PathBuf,
+    weights: WeightFormat,
+    kv: KvDtype,
+    /// Prefill attention on the chunked GEMM path instead of the tiled kernel.
+    chunked: bool,
 }
 
 /// A short name for tables and legends: the file or directory name.
@@ -143,20 +163,44 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.weights.is_empty() {
         anyhow::bail!("--weights: give at least one weight format");
     }
-    // Every model in every weight format, model-major; a name shows the format only when several
-    // are measured.
-    let runs: Vec<(PathBuf, WeightFormat)> = paths
-        .iter()
-        .flat_map(|p| a.weights.iter().map(move |&w| (p.clone(), w)))
-        .collect();
-    let models: Vec<PathBuf> = runs.iter().map(|(p, _)| p.clone()).collect();
-    let label = |i: usize| -> String {
-        let (p, w) = &runs[i];
-        if a.weights.len() > 1 {
-            format!("{} [{w}]", short_name(p))
-        } else {
-            short_name(p)
+    if a.kv.is_empty() {
+        anyhow::bail!("--kv: give at least one KV-cache type");
+    }
+    // Every model in every weight format, KV type and prefill path, model-major; a name shows a
+    // setting only when several are measured.
+    let mut runs: Vec<Run> = Vec::new();
+    for p in &paths {
+        for &weights in &a.weights {
+            for &kv in &a.kv {
+                for pa in &a.prefill_attention {
+                    runs.push(Run {
+                        path: p.clone(),
+                        weights,
+                        kv,
+                        chunked: pa == "chunked",
+                    });
+                }
+            }
         }
+    }
+    let models: Vec<PathBuf> = runs.iter().map(|r| r.path.clone()).collect();
+    let label = |i: usize| -> String {
+        let r = &runs[i];
+        let mut n = short_name(&r.path);
+        if a.weights.len() > 1 {
+            n.push_str(&format!(" [{}]", r.weights));
+        }
+        if a.kv.len() > 1 {
+            n.push_str(&format!(" [{} KV]", r.kv));
+        }
+        if a.prefill_attention.len() > 1 {
+            n.push_str(if r.chunked {
+                " [chunked prefill]"
+            } else {
+                " [tiled prefill]"
+            });
+        }
+        n
     };
     if a.contexts.is_empty() {
         anyhow::bail!("--contexts: give at least one context length");
@@ -167,14 +211,28 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         .unwrap_or_else(|| recurformer::repo_root().join("data/text/austen/emma.txt"));
     let exe = std::env::current_exe().context("locating the recurformer binary")?;
     let mut reports: Vec<WorkerReport> = Vec::new();
-    for (m, w) in &runs {
-        eprintln!("measuring {} ({w} weights) ...", m.display());
-        let out = std::process::Command::new(&exe)
+    for r in &runs {
+        let (m, w) = (&r.path, r.weights);
+        eprintln!(
+            "measuring {} ({w} weights, {} KV cache, {} prefill) ...",
+            m.display(),
+            r.kv,
+            if r.chunked { "chunked" } else { "tiled" }
+        );
+        let mut cmd = std::process::Command::new(&exe);
+        if r.chunked {
+            cmd.env("RECURFORMER_CHUNKED_PREFILL", "1");
+        } else {
+            cmd.env_remove("RECURFORMER_CHUNKED_PREFILL");
+        }
+        let out = cmd
             .arg("bench-worker")
             .arg("--model")
             .arg(m)
             .arg("--weights")
             .arg(w.name())
+            .arg("--kv")
+            .arg(r.kv.name())
             .arg("--threads")
             .arg(threads.to_string())
             .arg("--decode-steps")
@@ -249,8 +307,8 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
     };
     let mut md = format!(
         "{threads} threads, {} decode steps (median), {} fresh prefill(s) per context{}; ratios against the first model.\n\n\
-         | context | model | first token (s) | prefill tok/s | decode tok/s | decode vs first | cache | cache vs first | peak RSS |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | context | model | first token (s) | prefill tok/s | prefill vs first | decode tok/s | decode vs first | cache (KV type) | cache vs first | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         a.decode_steps,
         a.repeats,
         if a.incremental { " (incremental: prefill per segment)" } else { "" }
@@ -260,15 +318,17 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         for (i, pts) in ours.iter().enumerate() {
             let p = &pts[ci];
             md.push_str(&format!(
-                "| {c} | {} | {} | {:.1} | {:.2} | {:.2}x | {} | {:.3} | {} |\n",
+                "| {c} | {} | {} | {:.1} | {:.2}x | {:.2} | {:.2}x | {} ({}) | {:.3} | {} |\n",
                 label(i),
                 p.ttft_s
                     .map(|t| format!("{t:.2}"))
                     .unwrap_or_else(|| "-".into()),
                 p.prefill_tok_s,
+                p.prefill_tok_s / base.prefill_tok_s,
                 p.decode_tok_s,
                 p.decode_tok_s / base.decode_tok_s,
                 human_bytes(p.cache_bytes as f64),
+                runs[i].kv,
                 p.cache_bytes as f64 / base.cache_bytes as f64,
                 human_bytes(p.peak_rss_bytes as f64)
             ));
@@ -297,8 +357,9 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
                 "f32"
             };
             md.push_str(&format!(
-                "| {c} | {eng} (first model, {how}) | {:.2} | {pf:.1} | {dc:.2} | {:.2}x | - | - | {} |\n",
+                "| {c} | {eng} (first model, {how}) | {:.2} | {pf:.1} | {:.2}x | {dc:.2} | {:.2}x | - | - | {} |\n",
                 c as f64 / pf,
+                pf / base.prefill_tok_s,
                 dc / base.decode_tok_s,
                 r["peak_rss_bytes"]
                     .as_f64()
@@ -312,7 +373,9 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let v = serde_json::json!({
             "models": models.iter().map(|m| shown_path(m)).collect::<Vec<_>>(),
-            "weights": runs.iter().map(|(_, w)| w.name()).collect::<Vec<_>>(),
+            "weights": runs.iter().map(|r| r.weights.name()).collect::<Vec<_>>(),
+            "kv": runs.iter().map(|r| r.kv.name()).collect::<Vec<_>>(),
+            "prefill_attention": runs.iter().map(|r| if r.chunked { "chunked" } else { "tiled" }).collect::<Vec<_>>(),
             "threads": threads, "decode_steps": a.decode_steps, "repeats": a.repeats,
             "incremental": a.incremental, "contexts": a.contexts, "text": shown_path(&text_path),
             "recurformer": ours,

@@ -9,6 +9,7 @@ use crate::human_bytes;
 use anyhow::{bail, Result};
 use clap::Args;
 use recurformer::formats::io::shown_path;
+use recurformer::model::cache::KvDtype;
 use recurformer::model::quant::WeightFormat;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -82,6 +83,11 @@ pub(crate) struct EvalArgs {
     /// model, so the quality of quantised weights sits beside f32 in one table.
     #[arg(long, num_args = 1.., default_values_t = [WeightFormat::F32], value_parser = crate::parse_weights)]
     pub weights: Vec<WeightFormat>,
+    /// KV-cache element types (`generate --kv`): every model and weight format is evaluated
+    /// once per type, so an f16 cache's perplexity sits beside f32's; the cache table is in each
+    /// entry's own type.
+    #[arg(long, num_args = 1.., default_values = [crate::DEFAULT_KV], value_parser = crate::parse_kv)]
+    pub kv: Vec<KvDtype>,
 }
 
 /// One model to evaluate: a path, or the first model restricted to a window on a plan's groups,
@@ -92,6 +98,9 @@ struct ModelEntry {
     weights: WeightFormat,
     /// Whether names show the weight format (several formats evaluated).
     show_weights: bool,
+    kv: KvDtype,
+    /// Whether names show the KV-cache type (several evaluated).
+    show_kv: bool,
 }
 
 impl ModelEntry {
@@ -114,6 +123,9 @@ impl ModelEntry {
         if self.show_weights {
             n.push_str(&format!(" [{}]", self.weights));
         }
+        if self.show_kv {
+            n.push_str(&format!(" [{} KV]", self.kv));
+        }
         n
     }
 }
@@ -133,6 +145,10 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         bail!("--weights: give at least one weight format");
     }
     let show_weights = a.weights.len() > 1;
+    if a.kv.is_empty() {
+        bail!("--kv: give at least one KV-cache type");
+    }
+    let show_kv = a.kv.len() > 1;
     let mut models: Vec<ModelEntry> = Vec::new();
     let sources = paths
         .iter()
@@ -140,12 +156,16 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         .chain(a.kv_window.iter().map(|&w| (paths[0].clone(), Some(w))));
     for (path, window) in sources {
         for &weights in &a.weights {
-            models.push(ModelEntry {
-                path: path.clone(),
-                window,
-                weights,
-                show_weights,
-            });
+            for &kv in &a.kv {
+                models.push(ModelEntry {
+                    path: path.clone(),
+                    window,
+                    weights,
+                    show_weights,
+                    kv,
+                    show_kv,
+                });
+            }
         }
     }
     for t in &a.tasks {
@@ -241,6 +261,7 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         }
         crate::WeightArgs {
             weights: me.weights,
+            kv: crate::KvArgs { kv: me.kv },
         }
         .apply(&mut loaded.model)?;
         let m = &loaded.model;
@@ -306,7 +327,7 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
             let cache: Vec<Value> = a
                 .context
                 .iter()
-                .map(|&c| json!({"context": c, "kv_bytes": kv_tok * c, "recurrent_bytes": state, "total_bytes": kv_tok * c + state}))
+                .map(|&c| json!({"context": c, "kv_dtype": me.kv.name(), "kv_bytes": kv_tok * c, "recurrent_bytes": state, "total_bytes": kv_tok * c + state}))
                 .collect();
             entry["cache"] = Value::Array(cache);
         }
@@ -496,17 +517,18 @@ pub(crate) fn markdown(results: &[Value]) -> String {
     }
     if results.iter().any(|r| r["cache"].is_array()) {
         md.push_str(
-            "| model | context | KV cache | recurrent state | total | vs first |\n\
+            "| model | context | KV cache (type) | recurrent state (f32) | total | vs first |\n\
              |---|---|---|---|---|---|\n",
         );
         for r in results {
             for (i, c) in r["cache"].as_array().into_iter().flatten().enumerate() {
                 let tot = c["total_bytes"].as_f64();
                 md.push_str(&format!(
-                    "| {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} ({}) | {} | {} | {} |\n",
                     name(r),
                     c["context"],
                     fmt_opt(c["kv_bytes"].as_f64(), human_bytes),
+                    c["kv_dtype"].as_str().unwrap_or("f32"),
                     fmt_opt(c["recurrent_bytes"].as_f64(), human_bytes),
                     fmt_opt(tot, human_bytes),
                     match (tot, first["cache"][i]["total_bytes"].as_f64()) {

@@ -70,7 +70,8 @@ impl ModelArgs {
     }
 }
 
-/// The weight format of an inference run (`model::quant`).
+/// The precision of an inference run: weight format (`model::quant`) and KV-cache element type
+/// (`model::cache::KvDtype`).
 #[derive(Args, Clone, Debug)]
 pub(crate) struct WeightArgs {
     /// Weights of the linear layers and the LM head at inference: `f32`, or a GGML block format
@@ -78,6 +79,32 @@ pub(crate) struct WeightArgs {
     /// multiple of the format's block stays f32. Speed and perplexity of each: BENCHMARKS.md.
     #[arg(long, default_value = "f32", value_parser = parse_weights)]
     pub(crate) weights: recurformer::model::quant::WeightFormat,
+    #[command(flatten)]
+    pub(crate) kv: KvArgs,
+}
+
+/// The KV-cache element type of a run (`model::cache::KvDtype`).
+#[derive(Args, Clone, Copy, Debug)]
+pub(crate) struct KvArgs {
+    /// Element type of the KV cache of the kept attention heads: `f16` (half the bytes; keys and
+    /// values rounded once when cached, attention still sums in f32) or `f32`. The mixers'
+    /// conv / SSM state and the windowed heads' bounded cache stay f32. Perplexity and speed of
+    /// each: BENCHMARKS.md.
+    #[arg(long, default_value = DEFAULT_KV, value_parser = parse_kv)]
+    pub(crate) kv: recurformer::model::cache::KvDtype,
+}
+
+/// The default `--kv`, chosen by measurement (BENCHMARKS.md, "An f16 KV cache").
+pub(crate) const DEFAULT_KV: &str = "f16";
+
+pub(crate) fn parse_kv(s: &str) -> Result<recurformer::model::cache::KvDtype, String> {
+    recurformer::model::cache::KvDtype::parse(s).map_err(|e| e.to_string())
+}
+
+impl KvArgs {
+    pub(crate) fn apply(&self, model: &mut recurformer::model::llama::Model) {
+        model.set_kv_dtype(self.kv);
+    }
 }
 
 pub(crate) fn parse_weights(s: &str) -> Result<recurformer::model::quant::WeightFormat, String> {
@@ -85,8 +112,9 @@ pub(crate) fn parse_weights(s: &str) -> Result<recurformer::model::quant::Weight
 }
 
 impl WeightArgs {
-    /// Quantises `model` as asked, saying what it did on stderr.
+    /// Quantises `model` as asked, saying what it did on stderr, and sets its KV-cache type.
     pub(crate) fn apply(&self, model: &mut recurformer::model::llama::Model) -> Result<()> {
+        self.kv.apply(model);
         let s = model.quantize(self.weights)?;
         if s.quantized > 0 || !s.kept_f32.is_empty() {
             eprintln!(
@@ -116,6 +144,8 @@ enum Command {
     Info {
         #[command(flatten)]
         model: ModelArgs,
+        #[command(flatten)]
+        kv: KvArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -294,7 +324,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { model, json } => info(&model, json),
+        Command::Info { model, kv, json } => info(&model, kv, json),
         Command::Generate(args) => generate_cmd(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench_cmd::bench_cmd(args),
@@ -314,13 +344,16 @@ pub(crate) fn human_bytes(b: f64) -> String {
     recurformer::model::plan::human_bytes(b.max(0.0) as usize)
 }
 
-fn info(args: &ModelArgs, json: bool) -> Result<()> {
+fn info(args: &ModelArgs, kv: KvArgs, json: bool) -> Result<()> {
     args.apply_threads();
     let path = args.path();
-    let loaded = recurformer::checkpoint::loader::load(&path)?;
+    let mut loaded = recurformer::checkpoint::loader::load(&path)?;
+    kv.apply(&mut loaded.model);
     let m = &loaded.model;
     let c = &m.cfg;
     let (per_tok, state_bytes) = m.cache_bytes_per_token_and_state();
+    // The base model's KV cache in the same element type, so ratios compare like with like.
+    let base_per_tok = c.kv_bytes_per_token() / 4 * kv.kv.size();
     let v = serde_json::json!({
         "path": shown_path(&path),
         "format": format!("{:?}", loaded.format),
@@ -338,9 +371,10 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
         "rope_scaling": c.rope_scaling,
         "tie_word_embeddings": c.tie_word_embeddings,
         "attention_bias": c.attention_bias,
-        "kv_cache_bytes_per_token_f32": per_tok,
+        "kv_cache_dtype": kv.kv.name(),
+        "kv_cache_bytes_per_token": per_tok,
         "recurrent_state_bytes": state_bytes,
-        "base_kv_cache_bytes_per_token_f32": c.kv_bytes_per_token(),
+        "base_kv_cache_bytes_per_token": base_per_tok,
         "recurformer": m.recurformer.as_ref().map(|s| serde_json::json!({
             "replaced_groups": s.plan.replaced_groups(),
             "kept_groups": s.plan.kept_groups(),
@@ -399,21 +433,23 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
         );
     }
     println!(
-        "KV cache (f32)   {} per token (base model: {})",
+        "KV cache ({})   {} per token (base model: {})",
+        kv.kv,
         human_bytes(per_tok as f64),
-        human_bytes(c.kv_bytes_per_token() as f64)
+        human_bytes(base_per_tok as f64)
     );
     println!(
-        "recurrent state  {} per sequence, constant",
+        "recurrent state  {} per sequence, constant (f32)",
         human_bytes(state_bytes as f64)
     );
     for n in [1024usize, 8192, 32768, 131072] {
         let total = per_tok * n + state_bytes;
         println!(
-            "  at {:>6} tok  {} ({:.3} of the base model's KV cache)",
+            "  at {:>6} tok  {} ({:.3} of the base model's {} KV cache)",
             n,
             human_bytes(total as f64),
-            total as f64 / (c.kv_bytes_per_token() * n) as f64
+            total as f64 / (base_per_tok * n) as f64,
+            kv.kv
         );
     }
     Ok(())
@@ -487,13 +523,14 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     drop(on_token);
     println!();
     eprintln!(
-        "[prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.1} tok/s | cache {} (KV {}, recurrent {}){}]",
+        "[prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.1} tok/s | cache {} (KV {} in {}, recurrent {}){}]",
         stats.prompt_tokens,
         stats.prefill_tok_s(),
         stats.generated_tokens,
         stats.decode_tok_s(),
         human_bytes(stats.cache.total() as f64),
         human_bytes(stats.cache.kv as f64),
+        a.weights.kv.kv,
         human_bytes(stats.cache.recurrent as f64),
         if stats.stopped_at_eos { ", stopped at EOS" } else { "" }
     );
@@ -751,7 +788,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
     save_checkpoint(&hybrid, loaded.tokenizer.as_ref(), &a.out)?;
     let (kv, state) = hybrid.cache_bytes_per_token_and_state();
     println!(
-        "wrote {}: {} of {} KV groups replaced, KV {} per token (base {}), recurrent state {}",
+        "wrote {}: {} of {} KV groups replaced, KV {} per token in f32 (base {}), recurrent state {}",
         a.out.display(),
         plan.replaced_groups(),
         plan.kept_groups() + plan.replaced_groups(),

@@ -32,6 +32,10 @@ pub struct PlanArgs {
     /// recency.json written by `recurformer analyze`.
     #[arg(long, value_name = "FILE")]
     pub recency: PathBuf,
+    /// KV-cache element type the printed cache prediction is for (`generate --kv`); plan.json's
+    /// `predicted_cache` stays in f32.
+    #[command(flatten)]
+    pub kv: crate::KvArgs,
     /// Replace every KV group whose mean recency score is >= T (scores lie in [0, 1]).
     /// Exclusive with --replace-fraction.
     #[arg(long, value_name = "T")]
@@ -296,8 +300,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
             );
         }
     }
-    println!("\npredicted cache (f32; KV of kept groups + Mamba conv/SSM state, vs the base KV):");
-    print!("{}", plan.cache_table());
+    let kv = args.kv.kv;
+    println!(
+        "\npredicted cache ({kv} KV of kept groups + f32 Mamba conv/SSM state, vs the base model's \
+         {kv} KV):"
+    );
+    print!("{}", plan.cache_table_in(kv));
 
     if let Some(png) = &args.heatmap {
         recurformer::report::recency_heatmap_with_plan(&report, &plan, png)?;

@@ -193,6 +193,7 @@ async fn models(State(s): State<AppState>) -> Response {
             "context_length": l.context,
             "recurformer": m.recurformer.is_some(),
             "kv_cache_bytes_per_token": l.kv_bytes_per_token,
+            "kv_cache_dtype": m.kv_dtype.name(),
             "recurrent_state_bytes": l.state_bytes,
             "parallel": l.parallel,
         });

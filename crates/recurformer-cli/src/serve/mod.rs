@@ -213,6 +213,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         // The socket is open while the model loads, so clients see 503 rather than a refusal.
         let loading = shared.clone();
         let weights = a.weights.clone();
+        let kv = weights.kv.kv;
         std::thread::Builder::new()
             .name("recurformer-load".into())
             .spawn(move || {
@@ -222,12 +223,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
                         let l = ready.engine.limits;
                         eprintln!(
                             "serve: ready in {:.1} s: context {} tokens, {} slots, queue {}, KV \
-                             {} bytes per token + state {} bytes per sequence, cache budget {}",
+                             {} bytes per token ({}) + state {} bytes per sequence, cache budget {}",
                             t0.elapsed().as_secs_f64(),
                             l.context,
                             l.parallel,
                             l.queue,
                             l.kv_bytes_per_token,
+                            kv,
                             l.state_bytes,
                             l.cache_budget
                                 .map_or("unlimited".into(), |b| format!("{b} bytes"))

@@ -984,6 +984,7 @@ fn a_recurformer_is_served_like_generate_runs_it() {
         let meta = &r.json()["data"][0]["meta"];
         assert_eq!(meta["recurformer"], true);
         assert_eq!(meta["kv_cache_bytes_per_token"], kv);
+        assert_eq!(meta["kv_cache_dtype"], "f32");
         assert_eq!(meta["recurrent_state_bytes"], state);
         let tasks: Vec<_> = qs
             .iter()

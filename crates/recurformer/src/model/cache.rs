@@ -8,21 +8,87 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
+/// Element type of the keys and values a KV cache stores (`--kv`; DESIGN.md, "Inference
+/// precision"). Keys and values are rounded to it once, when appended; attention reads them
+/// widened to f32 (`model::kernels`), so scores, softmax and sums stay f32. The recurrent (conv,
+/// SSM) state and the windowed heads' bounded cache ([`WindowKv`]) stay f32 whatever this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// 4 bytes a value; what the parity tests against transformers use.
+    #[default]
+    F32,
+    /// 2 bytes a value (IEEE half, as llama.cpp's default cache).
+    F16,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 2] = [KvDtype::F32, KvDtype::F16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        match Self::ALL.iter().find(|d| d.name() == t) {
+            Some(d) => Ok(*d),
+            None => bail!(
+                "unknown KV cache type {s:?}: expected one of {}",
+                Self::ALL.map(|d| d.name()).join(", ")
+            ),
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+        }
+    }
+
+    /// Bytes of one stored value.
+    pub fn size(self) -> usize {
+        self.dtype().size_in_bytes()
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Keys and values of the attention heads of one layer, preallocated and grown by doubling so
 /// that appending a token does not copy the whole cache.
 #[derive(Clone)]
 pub struct KvCache {
-    k: Option<Tensor>, // (b, n_kv, capacity, head_dim)
+    k: Option<Tensor>, // (b, n_kv, capacity, head_dim), in `dtype`
     v: Option<Tensor>,
     len: usize,
     capacity: usize,
     pub batch: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvCache {
+    /// An f32 cache.
     pub fn new(batch: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        Self::new_typed(batch, n_kv_heads, head_dim, capacity, KvDtype::F32)
+    }
+
+    /// A cache storing keys and values as `dtype`.
+    pub fn new_typed(
+        batch: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        dtype: KvDtype,
+    ) -> Self {
         KvCache {
             k: None,
             v: None,
@@ -31,6 +97,7 @@ impl KvCache {
             batch,
             n_kv_heads,
             head_dim,
+            dtype,
         }
     }
 
@@ -42,15 +109,18 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes of the keys and values held (f32), the figure the analytic formula predicts.
+    /// Bytes of the keys and values held (in the cache's dtype), the figure the analytic
+    /// formula predicts.
     pub fn bytes(&self) -> usize {
-        2 * self.batch * self.n_kv_heads * self.len * self.head_dim * 4
+        2 * self.batch * self.n_kv_heads * self.len * self.head_dim * self.dtype.size()
     }
 
     /// Bytes allocated, including the unused tail of the preallocation.
     pub fn allocated_bytes(&self) -> usize {
         match &self.k {
-            Some(_) => 2 * self.batch * self.n_kv_heads * self.capacity * self.head_dim * 4,
+            Some(_) => {
+                2 * self.batch * self.n_kv_heads * self.capacity * self.head_dim * self.dtype.size()
+            }
             None => 0,
         }
     }
@@ -59,11 +129,12 @@ impl KvCache {
     /// buffers are written in place by `append`, so a plain `clone` would share them: appending
     /// to the clone would overwrite what the original appends next.
     pub fn fork(&self, capacity: usize) -> Result<KvCache> {
-        let mut c = KvCache::new(
+        let mut c = KvCache::new_typed(
             self.batch,
             self.n_kv_heads,
             self.head_dim,
             capacity.max(self.len),
+            self.dtype,
         );
         if let (Some(k), Some(v)) = (&self.k, &self.v) {
             if self.len > 0 {
@@ -73,10 +144,17 @@ impl KvCache {
         Ok(c)
     }
 
-    /// Appends `k`, `v` of shape (b, n_kv, t, head_dim) and returns views of all keys and values
-    /// so far, (b, n_kv, len, head_dim).
+    /// Appends `k`, `v` of shape (b, n_kv, t, head_dim), rounded to the cache's dtype, and returns
+    /// views of all keys and values so far, (b, n_kv, len, head_dim), in that dtype: attention
+    /// over them sees the new tokens exactly as later steps will.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;
+        // An f32 setting stores what it is given (f64 in gradient checks), as before dtypes.
+        let dt = match self.dtype {
+            KvDtype::F16 => DType::F16,
+            KvDtype::F32 => k.dtype(),
+        };
+        let (k, v) = (&k.to_dtype(dt)?, &v.to_dtype(dt)?);
         if (b, h, d) != (self.batch, self.n_kv_heads, self.head_dim) {
             bail!(
                 "KV append of shape {:?} into a cache for batch {}, {} KV heads of {}",
@@ -92,8 +170,8 @@ impl KvCache {
             while cap < needed {
                 cap *= 2;
             }
-            let nk = Tensor::zeros((b, h, cap, d), DType::F32, k.device())?;
-            let nv = Tensor::zeros((b, h, cap, d), DType::F32, k.device())?;
+            let nk = Tensor::zeros((b, h, cap, d), dt, k.device())?;
+            let nv = Tensor::zeros((b, h, cap, d), dt, k.device())?;
             if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
                 if self.len > 0 {
                     nk.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
@@ -145,7 +223,7 @@ impl WindowKv {
         x.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
-    /// Bytes of the keys and values held (f32).
+    /// Bytes of the keys and values held (always f32: bounded and small, see [`KvDtype`]).
     pub fn bytes(&self) -> usize {
         [&self.sink, &self.recent]
             .iter()
@@ -368,6 +446,33 @@ mod tests {
                 &Tensor::zeros((1, 3, 1, 3), DType::F32, &dev)?
             )
             .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn an_f16_cache_stores_rounded_values_at_half_the_bytes() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new_typed(1, 2, 4, 1, KvDtype::F16);
+        let k = Tensor::new(&[1.0f32, 1.0 + 1e-4, 65504.0, -3.25], &dev)?.reshape((1, 1, 1, 4))?;
+        let k = k.broadcast_as((1, 2, 3, 4))?.contiguous()?;
+        let (ck, cv) = c.append(&k, &(&k * 0.5)?)?;
+        assert_eq!((ck.dtype(), cv.dtype()), (DType::F16, DType::F16));
+        // 1 + 1e-4 is not an f16: it is stored as 1.0 (the f16 step near 1 is 2^-10).
+        let back = ck.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(&back[..4], &[1.0, 1.0, 65504.0, -3.25]);
+        assert_eq!(c.bytes(), 2 * 2 * 3 * 4 * 2);
+        assert_eq!(c.bytes() * 2, {
+            let mut f = KvCache::new(1, 2, 4, 1);
+            f.append(&k, &k)?;
+            f.bytes()
+        });
+        // A fork keeps the dtype and the contents.
+        let f = c.fork(8)?;
+        assert_eq!(f.dtype, KvDtype::F16);
+        assert_eq!(f.bytes(), c.bytes());
+        assert_eq!(KvDtype::parse("F16")?, KvDtype::F16);
+        let e = KvDtype::parse("q4").unwrap_err().to_string();
+        assert!(e.contains("\"q4\"") && e.contains("f32, f16"), "{e}");
         Ok(())
     }
 }

@@ -13,7 +13,7 @@
 use crate::formats::config::ModelConfig;
 use crate::formats::weights::Weights;
 use crate::model::attention::{Attention, LayerCtx};
-use crate::model::cache::{HybridCache, KvCache, LayerCache, WindowKv};
+use crate::model::cache::{HybridCache, KvCache, KvDtype, LayerCache, WindowKv};
 use crate::model::hybrid::{MambaSettings, RecurformerSection};
 use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::mamba::MambaMixer;
@@ -365,6 +365,8 @@ pub struct Model {
     pub lm_head_q: Option<candle_core::quantized::QMatMul>,
     pub rope: Rope,
     pub device: Device,
+    /// Element type of the KV caches `new_cache` makes (`--kv`); f32 unless set.
+    pub kv_dtype: KvDtype,
 }
 
 impl Model {
@@ -416,6 +418,7 @@ impl Model {
             lm_head_q: None,
             rope: Rope::new(cfg),
             device,
+            kv_dtype: KvDtype::F32,
         })
     }
 
@@ -444,16 +447,21 @@ impl Model {
         n
     }
 
-    /// An empty cache for `batch` sequences, with room for `capacity` tokens before it grows.
+    /// Sets the element type of the KV caches this model makes from now on (`--kv`).
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) {
+        self.kv_dtype = dtype;
+    }
+
+    /// An empty cache for `batch` sequences, with room for `capacity` tokens before it grows;
+    /// keys and values in [`Model::kv_dtype`].
     pub fn new_cache(&self, batch: usize, capacity: usize) -> HybridCache {
         let layers = self
             .layers
             .iter()
             .map(|l| LayerCache {
-                kv: l
-                    .self_attn
-                    .as_ref()
-                    .map(|a| KvCache::new(batch, a.n_kv_heads, a.head_dim, capacity)),
+                kv: l.self_attn.as_ref().map(|a| {
+                    KvCache::new_typed(batch, a.n_kv_heads, a.head_dim, capacity, self.kv_dtype)
+                }),
                 // A zero state of a shape fixed by the validated config: only an out-of-memory
                 // condition can fail here.
                 recurrent: l.mixer.as_ref().map(|m| {
@@ -661,14 +669,14 @@ impl Model {
         Ok(y.reshape((b, t, self.cfg.vocab_size))?)
     }
 
-    /// Bytes of the per-sequence state a model needs: KV per token (kept groups) and the constant
-    /// recurrent state, as the cache will hold them.
+    /// Bytes of the per-sequence state a model needs: KV per token (kept groups, in
+    /// [`Model::kv_dtype`]) and the constant recurrent state (f32), as the cache will hold them.
     pub fn cache_bytes_per_token_and_state(&self) -> (usize, usize) {
         let mut kv = 0;
         let mut state = 0;
         for l in &self.layers {
             if let Some(a) = &l.self_attn {
-                kv += 2 * a.n_kv_heads * a.head_dim * 4;
+                kv += 2 * a.n_kv_heads * a.head_dim * self.kv_dtype.size();
             }
             if let Some(mx) = &l.mixer {
                 state += mx.cfg.state_bytes(1);

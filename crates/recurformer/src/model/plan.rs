@@ -12,6 +12,7 @@
 //! single source of truth the hybrid cache implementation follows.
 
 use crate::formats::config::ModelConfig;
+use crate::model::cache::KvDtype;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -313,7 +314,12 @@ pub struct CacheBytes {
 /// KV-cache bytes of `kv_groups` kept KV groups (summed over layers) at `tokens` tokens:
 /// `2 (K and V) * kv_groups * head_dim * 4 (f32) * tokens`.
 pub fn kv_cache_bytes(kv_groups: usize, head_dim: usize, tokens: usize) -> usize {
-    2 * kv_groups * head_dim * F32_BYTES * tokens
+    kv_cache_bytes_in(kv_groups, head_dim, tokens, KvDtype::F32)
+}
+
+/// [`kv_cache_bytes`] with keys and values stored as `kv` (2 bytes a value in f16).
+pub fn kv_cache_bytes_in(kv_groups: usize, head_dim: usize, tokens: usize, kv: KvDtype) -> usize {
+    2 * kv_groups * head_dim * kv.size() * tokens
 }
 
 /// Recurrent state bytes of the mixer part that replaces one KV group with `g` query heads, SSM
@@ -528,8 +534,15 @@ impl Plan {
     /// Predicted cache bytes at `tokens`: KV of the kept groups plus the mixers' state, against the
     /// base model's KV cache.
     pub fn predicted_bytes(&self, tokens: usize) -> CacheBytes {
-        let base_kv_bytes = self.base_kv_bytes(tokens);
-        let kv_bytes = self.kv_bytes(tokens);
+        self.predicted_bytes_in(tokens, KvDtype::F32)
+    }
+
+    /// [`Plan::predicted_bytes`] with the KV caches (the plan's and the base model's) stored as
+    /// `kv`; the mixers' state stays f32.
+    pub fn predicted_bytes_in(&self, tokens: usize, kv: KvDtype) -> CacheBytes {
+        let all = self.shape.num_layers * self.shape.num_key_value_heads;
+        let base_kv_bytes = kv_cache_bytes_in(all, self.shape.head_dim, tokens, kv);
+        let kv_bytes = kv_cache_bytes_in(self.kept_groups(), self.shape.head_dim, tokens, kv);
         let mamba_state_bytes = self.mamba_state_bytes();
         let total_bytes = kv_bytes + mamba_state_bytes;
         let ratio_to_base = if base_kv_bytes == 0 {
@@ -736,11 +749,19 @@ impl Plan {
 
     /// The predicted-cache table in human-readable units.
     pub fn cache_table(&self) -> String {
+        self.cache_table_in(KvDtype::F32)
+    }
+
+    /// [`Plan::cache_table`] with the KV caches stored as `kv`.
+    pub fn cache_table_in(&self, kv: KvDtype) -> String {
         let mut out = format!(
             "{:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>7}\n",
             "tokens", "base KV", "KV", "Mamba state", "total", "ratio"
         );
-        for c in PREDICTED_TOKENS.iter().map(|&t| self.predicted_bytes(t)) {
+        for c in PREDICTED_TOKENS
+            .iter()
+            .map(|&t| self.predicted_bytes_in(t, kv))
+        {
             out.push_str(&format!(
                 "{:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>7.4}\n",
                 human_tokens(c.tokens),

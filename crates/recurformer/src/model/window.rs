@@ -257,8 +257,7 @@ impl LocalAttention {
             l.forward(x)
         })?;
         let (k_all, v_all, layout) = cache.append(&k, &v)?;
-        let LocalWindow { sinks, window } = self.settings;
-        let o = windowed_attention(&q, &k_all, &v_all, layout, sinks, window, false)?; // (b, n, t, hd)
+        let o = self.attend(&q, &k_all, &v_all, layout, ctx.opts)?; // (b, n, t, hd)
         Ok(o.transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?) // (b, t, n*hd)
     }
@@ -284,23 +283,43 @@ impl LocalAttention {
         }
         let opts = ForwardOptions::default();
         let (q, k, v) = self.qkv(x, rope, (cos, sin), &opts, &|l, x| l.forward_rows(x))?; // (n, heads, 1, hd), (n, nkv, 1, hd) x2
-        let LocalWindow { sinks, window } = self.settings;
         let mut outs = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
             let (k_all, v_all, layout) = cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-            outs.push(windowed_attention(
-                &q.narrow(0, i, 1)?,
-                &k_all,
-                &v_all,
-                layout,
-                sinks,
-                window,
-                false,
-            )?); // (1, heads, 1, hd)
+            let qi = q.narrow(0, i, 1)?; // (1, heads, 1, hd)
+            outs.push(self.attend(&qi, &k_all, &v_all, layout, &opts)?); // (1, heads, 1, hd)
         }
         let o = Tensor::cat(&outs, 0)?; // (n, heads, 1, hd)
         Ok(o.transpose(1, 2)?
             .reshape((n, 1, self.n_heads * self.head_dim))?) // (n, 1, heads*hd)
+    }
+
+    /// Windowed attention of q (b, n, t, hd) over the keys a [`WindowKv`] returned: the tiled
+    /// kernel (`kernels::prefill_attention`, no score blocks) on the CPU's fast path, the graph of
+    /// [`windowed_attention`] on the eager path (its reference) or another device.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: KeyLayout,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        let LocalWindow { sinks, window } = self.settings;
+        if opts.attention == crate::model::options::AttentionImpl::Fast && q.device().is_cpu() {
+            use crate::model::kernels::prefill_attention::{prefill_attention, KeyRule};
+            return Ok(prefill_attention(
+                q,
+                k,
+                v,
+                KeyRule {
+                    window: Some((sinks, window)),
+                    sink_rows: layout.sink_rows,
+                    first_pos: layout.first_pos,
+                },
+            )?);
+        }
+        windowed_attention(q, k, v, layout, sinks, window, false)
     }
 
     /// Bytes the cache of these heads holds at most: `sinks + window - 1` tokens of keys and values.

@@ -6,9 +6,17 @@
 //! group, splits the keys into blocks processed in parallel with a per-block softmax (max, sum,
 //! weighted values), and merges the blocks exactly as split-K "flash decoding" does
 //! (Dao et al., 2023). Inference only: it records no backward (the eager path is for training).
-//! Tested against the eager path in `tests/tiny_models.rs` and `tests/smollm2.rs`.
+//!
+//! The cache may hold f16 keys and values (`--kv f16`, issue 20): rows are then widened to f32 in
+//! registers as they are read (`simd::RowOps`), so the cache is read at half the bytes while scores,
+//! softmax and sums stay f32. The instruction set (scalar, AVX2 + F16C, AVX-512F) is chosen at run
+//! time. Tested against the eager path and f16 against f32 in `tests/tiny_models.rs` and
+//! `tests/kv_cache.rs`.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use super::simd::{exp_shift_sum, row_max, Isa, KvElem, RowOps, Scalar};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 /// Keys per parallel block.
@@ -16,32 +24,41 @@ const BLOCK: usize = 512;
 
 struct DecodeAttention {
     scale: f32,
+    isa: Isa,
 }
 
 /// Strided view of a rank-4 tensor whose last dimension is contiguous.
-struct View<'a> {
-    data: &'a [f32],
-    start: usize,
-    stride: [usize; 3],
+pub(crate) struct View<'a, E> {
+    pub(crate) data: &'a [E],
+    pub(crate) start: usize,
+    pub(crate) stride: [usize; 3],
 }
 
-impl View<'_> {
+impl<E> View<'_, E> {
     #[inline(always)]
-    fn row(&self, a: usize, b: usize, c: usize, len: usize) -> &[f32] {
+    pub(crate) fn row(&self, a: usize, b: usize, c: usize, len: usize) -> &[E] {
         let o = self.start + a * self.stride[0] + b * self.stride[1] + c * self.stride[2];
         &self.data[o..o + len]
     }
 }
 
-fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<View<'a>> {
-    let data = match s {
-        CpuStorage::F32(d) => d.as_slice(),
-        _ => candle_core::bail!("decode attention: {what} must be f32"),
+pub(crate) fn view<'a, E: KvElem>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<View<'a, E>> {
+    let Some(data) = E::slice(s) else {
+        candle_core::bail!(
+            "{op}: {what} is {:?}, expected {}",
+            s.dtype(),
+            std::any::type_name::<E>()
+        );
     };
     let st = l.stride();
     if st.len() != 4 || st[3] != 1 {
         candle_core::bail!(
-            "decode attention: {what} needs rank 4 with a contiguous last dim, got strides {st:?}"
+            "{op}: {what} needs rank 4 with a contiguous last dim, got strides {st:?}"
         );
     }
     Ok(View {
@@ -51,75 +68,46 @@ fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<View<'a>> {
     })
 }
 
-/// exp(x) for x <= 0 in straight-line code the compiler vectorises (libm's `expf` does not):
-/// x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error
-/// < 2e-7 on that interval), 2^n assembled in the exponent bits. Inputs below -87 give 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    // ln 2 split in a part exact in f32 and the remainder (Cody & Waite), so r stays accurate.
-    let r = (x - n * 0.693_145_75) - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise without reassociating one sum.
-    let mut acc = [0f32; 8];
-    let n = a.len() / 8 * 8;
-    for i in (0..n).step_by(8) {
-        for l in 0..8 {
-            acc[l] += a[i + l] * b[i + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in n..a.len() {
-        s += a[i] * b[i];
-    }
-    s
-}
-
 /// (running max, sum of exp, unnormalised output) of one key block for the g heads of a group.
 type Partial = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-struct BlockJob<'a> {
-    q: &'a View<'a>,
-    k: &'a View<'a>,
-    v: &'a View<'a>,
+struct BlockJob<'a, E> {
+    q: &'a View<'a, f32>,
+    k: &'a View<'a, E>,
+    v: &'a View<'a, E>,
     g: usize,
     hd: usize,
     offset: usize,
     scale: f32,
 }
 
-fn avx2_available() -> bool {
+impl<E: KvElem> BlockJob<'_, E>
+where
+    Scalar: RowOps<E>,
+{
+    /// The block's work compiled for AVX2 + FMA + F16C (8 lanes); the default x86-64 target only
+    /// allows SSE2, which made this kernel compute-bound.
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2(&self, task: (usize, usize, usize, usize)) -> Partial
+    where
+        super::simd::Avx2: RowOps<E>,
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        self.run::<super::simd::Avx2>(task)
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
-impl BlockJob<'_> {
-    /// The same code compiled with AVX2 + FMA enabled, so the loops vectorise 8 wide. The
-    /// default x86-64 target only allows SSE2, which made this kernel compute-bound.
+    /// The same for AVX-512F (16 lanes).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, task: (usize, usize, usize, usize)) -> Partial {
-        self.run(task)
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn run_avx512(&self, task: (usize, usize, usize, usize)) -> Partial
+    where
+        super::simd::Avx512: RowOps<E>,
+    {
+        self.run::<super::simd::Avx512>(task)
     }
 
     #[inline(always)]
-    fn run(&self, (bi, kh, i, blk): (usize, usize, usize, usize)) -> Partial {
+    fn run<O: RowOps<E>>(&self, (bi, kh, i, blk): (usize, usize, usize, usize)) -> Partial {
         let (q, k, v, g, hd) = (self.q, self.k, self.v, self.g, self.hd);
         let visible = self.offset + i + 1; // keys 0..visible are causal for this query
         let lo = blk * BLOCK;
@@ -133,43 +121,33 @@ impl BlockJob<'_> {
         let n = hi - lo;
         let qrows: Vec<&[f32]> = (0..g).map(|gi| q.row(bi, kh * g + gi, i, hd)).collect();
         let mut scores = vec![0f32; g * n];
+        // Each key row is read once for the g query heads of its group (f16 rows are widened to
+        // f32 in registers by `O::dot`).
         for j in lo..hi {
             let kr = k.row(bi, kh, j, hd);
             for gi in 0..g {
-                scores[gi * n + (j - lo)] = dot(qrows[gi], kr) * self.scale;
+                scores[gi * n + (j - lo)] = O::dot(qrows[gi], kr) * self.scale;
             }
         }
         for gi in 0..g {
             let row = &mut scores[gi * n..(gi + 1) * n];
-            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = exp_nonpositive(*x - mx);
-                sum += *x;
-            }
+            let mx = row_max(row, f32::NEG_INFINITY);
             m[gi] = mx;
-            l[gi] = sum;
+            l[gi] = exp_shift_sum(row, mx);
         }
         for j in lo..hi {
             let vr = v.row(bi, kh, j, hd);
             for gi in 0..g {
                 let p = scores[gi * n + (j - lo)];
-                let a = &mut acc[gi * hd..(gi + 1) * hd];
-                for (x, y) in a.iter_mut().zip(vr) {
-                    *x += p * y;
-                }
+                O::axpy(&mut acc[gi * hd..(gi + 1) * hd], p, vr);
             }
         }
         (m, l, acc)
     }
 }
 
-impl CustomOp3 for DecodeAttention {
-    fn name(&self) -> &'static str {
-        "decode-attention"
-    }
-
-    fn cpu_fwd(
+impl DecodeAttention {
+    fn forward<E: KvElem>(
         &self,
         qs: &CpuStorage,
         ql: &Layout,
@@ -177,12 +155,22 @@ impl CustomOp3 for DecodeAttention {
         kl: &Layout,
         vs: &CpuStorage,
         vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        Scalar: RowOps<E>,
+        super::simd::Avx2: RowOps<E>,
+        super::simd::Avx512: RowOps<E>,
+    {
+        const OP: &str = "decode attention";
         let (b, nh, t, hd) = ql.shape().dims4()?;
         let (_, nkv, s, _) = kl.shape().dims4()?;
         let g = nh / nkv;
         let offset = s - t;
-        let (q, k, v) = (view(qs, ql, "q")?, view(ks, kl, "k")?, view(vs, vl, "v")?);
+        let (q, k, v) = (
+            view::<f32>(qs, ql, OP, "q")?,
+            view::<E>(ks, kl, OP, "k")?,
+            view::<E>(vs, vl, OP, "v")?,
+        );
         let nblocks = s.div_ceil(BLOCK);
         // One task per (batch, KV head, query position, key block); each returns, for the g query
         // heads of the group, the block's running max, sum of exp, and unnormalised output.
@@ -202,17 +190,16 @@ impl CustomOp3 for DecodeAttention {
             offset,
             scale: self.scale,
         };
-        let avx2 = avx2_available();
+        let isa = self.isa;
         let partial: Vec<Partial> = tasks
             .par_iter()
-            .map(|&task| {
+            .map(|&task| match isa {
+                // SAFETY: `isa` is one the CPU supports (`Isa::detect` / `Isa::available`).
                 #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-                    return unsafe { job.run_avx2(task) };
-                }
-                let _ = avx2;
-                job.run(task)
+                Isa::Avx512 => unsafe { job.run_avx512(task) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { job.run_avx2(task) },
+                _ => job.run::<Scalar>(task),
             })
             .collect();
         // Merge the blocks: rescale each block's sums by exp(m_block - m_total).
@@ -249,32 +236,56 @@ impl CustomOp3 for DecodeAttention {
     }
 }
 
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (ks.dtype(), vs.dtype()) {
+            (DType::F32, DType::F32) => self.forward::<f32>(qs, ql, ks, kl, vs, vl),
+            (DType::F16, DType::F16) => self.forward::<f16>(qs, ql, ks, kl, vs, vl),
+            (a, b) => candle_core::bail!(
+                "decode attention: keys {a:?} and values {b:?}; both f32 or both f16"
+            ),
+        }
+    }
+}
+
 /// Causal attention of q (b, nh, t, hd) at positions s-t..s against k, v (b, nkv, s, hd):
 /// returns (b, nh, t, hd). k and v may be views into a larger cache (last dim contiguous).
+/// k and v are both f32 or both f16 (an f16 cache, widened to f32 in registers); q and the
+/// result are f32. Runs on the best instruction set of this CPU ([`Isa::detect`]).
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    decode_attention_on(Isa::detect(), q, k, v, scale)
+}
+
+/// [`decode_attention`] on a given instruction set, which must be one of `Isa::available()`
+/// (tests compare the sets).
+pub fn decode_attention_on(
+    isa: Isa,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    if !Isa::available().contains(&isa) {
+        candle_core::bail!("decode attention: this CPU cannot run {isa:?}");
+    }
     q.contiguous()?.apply_op3_no_bwd(
         k,
         v,
         &DecodeAttention {
             scale: scale as f32,
+            isa,
         },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fast_exp_is_accurate() {
-        let mut worst = 0f32;
-        for i in 0..=100_000 {
-            let x = -(i as f32) * 8.7e-4;
-            let rel = (exp_nonpositive(x) - x.exp()).abs() / x.exp();
-            worst = worst.max(rel);
-        }
-        assert!(worst < 1e-6, "relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(-200.0) < 1e-37);
-    }
 }

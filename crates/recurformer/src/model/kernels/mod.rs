@@ -2,6 +2,8 @@
 //! reference it replaces (DESIGN.md, "Inference precision").
 
 pub mod decode_attention;
+pub mod prefill_attention;
+pub mod simd;
 pub mod window_attention;
 
 /// Whether the training kernels (`window_attention`, the mixers' fused scan) are switched off in
@@ -11,6 +13,17 @@ pub fn graph_kernels() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         std::env::var("RECURFORMER_GRAPH_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// Whether prefill attention runs the chunked score blocks through candle's GEMM (the path before
+/// the tiled kernel, `prefill_attention`) instead of the tiled kernel: set
+/// `RECURFORMER_CHUNKED_PREFILL=1` to time or check the old path (`bench --prefill-attention`).
+/// Read once.
+pub fn chunked_prefill() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("RECURFORMER_CHUNKED_PREFILL").is_ok_and(|v| !v.is_empty() && v != "0")
     })
 }
 
