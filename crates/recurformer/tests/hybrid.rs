@@ -54,20 +54,8 @@ fn logits(m: &Model, ids: &Tensor) -> Result<Tensor> {
 
 /// Full forward vs prefill of `prefill` tokens then pieces of 3 and single tokens.
 fn cached_vs_full(m: &Model, ids: &Tensor, prefill: usize) -> Result<f32> {
-    let t = ids.dim(1)?;
-    let full = logits(m, ids)?;
-    let mut cache = m.new_cache(1, 2);
-    let mut parts = vec![m.forward(&ids.narrow(1, 0, prefill)?, &mut cache)?];
-    let mut i = prefill;
-    if i + 3 <= t {
-        parts.push(m.forward(&ids.narrow(1, i, 3)?, &mut cache)?);
-        i += 3;
-    }
-    while i < t {
-        parts.push(m.forward(&ids.narrow(1, i, 1)?, &mut cache)?);
-        i += 1;
-    }
-    max_abs_diff(&full, &Tensor::cat(&parts, 1)?)
+    let (full, cached) = full_and_cached(m, ids, prefill)?;
+    max_abs_diff(&full, &cached)
 }
 
 fn save_and_load(m: &Model, dir: &Path) -> Result<Model> {

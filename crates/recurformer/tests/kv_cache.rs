@@ -129,26 +129,6 @@ fn tiled_prefill_matches_the_eager_path_and_the_chunked_path() -> Result<()> {
     Ok(())
 }
 
-/// Logits of `ids` in one forward, and from a prefill of `prefill` tokens followed by a piece of 3
-/// and single tokens, in a cache of capacity 2 (so it regrows).
-fn full_and_cached(m: &Model, ids: &Tensor, prefill: usize) -> Result<(Tensor, Tensor)> {
-    let t = ids.dim(1)?;
-    let full = m.forward(ids, &mut m.new_cache(1, t))?;
-    let mut cache = m.new_cache(1, 2);
-    let mut parts = vec![m.forward(&ids.narrow(1, 0, prefill)?, &mut cache)?];
-    let mut i = prefill;
-    if i + 3 <= t {
-        parts.push(m.forward(&ids.narrow(1, i, 3)?, &mut cache)?);
-        i += 3;
-    }
-    while i < t {
-        parts.push(m.forward(&ids.narrow(1, i, 1)?, &mut cache)?);
-        i += 1;
-    }
-    assert_eq!(cache.seq_len, t);
-    Ok((full, Tensor::cat(&parts, 1)?))
-}
-
 /// 120 byte-level tokens of Persuasion: longer than a key tile (64) and several query tiles.
 fn long_ids() -> Result<Tensor> {
     let text = std::fs::read(root().join("data/text/austen/persuasion.txt"))?;

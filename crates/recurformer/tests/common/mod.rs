@@ -34,6 +34,30 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
+/// Logits of `ids` in one forward, and from a prefill of `prefill` tokens followed by a piece of 3
+/// and single tokens, in a cache of capacity 2 (so it regrows).
+pub fn full_and_cached(
+    m: &recurformer::model::llama::Model,
+    ids: &Tensor,
+    prefill: usize,
+) -> Result<(Tensor, Tensor)> {
+    let t = ids.dim(1)?;
+    let full = m.forward(ids, &mut m.new_cache(1, t))?;
+    let mut cache = m.new_cache(1, 2);
+    let mut parts = vec![m.forward(&ids.narrow(1, 0, prefill)?, &mut cache)?];
+    let mut i = prefill;
+    if i + 3 <= t {
+        parts.push(m.forward(&ids.narrow(1, i, 3)?, &mut cache)?);
+        i += 3;
+    }
+    while i < t {
+        parts.push(m.forward(&ids.narrow(1, i, 1)?, &mut cache)?);
+        i += 1;
+    }
+    assert_eq!(cache.seq_len, t);
+    Ok((full, Tensor::cat(&parts, 1)?))
+}
+
 /// Reads `expected.safetensors` of a tiny fixture: (input_ids as u32 (1, t), logits (1, t, v)).
 pub fn tiny_expected(dir: &str) -> Result<(Tensor, Tensor)> {
     let p = fixture(dir).join("expected.safetensors");
