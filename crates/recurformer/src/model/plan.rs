@@ -213,14 +213,10 @@ impl HarmRanking {
                 }
             })
             .collect();
-        Ok(HarmRanking {
-            groups,
-            merged_from: flat.clone(),
-            ..HarmRanking {
-                merged_from: Vec::new(),
-                ..flat[0].clone()
-            }
-        })
+        let mut out = flat[0].clone();
+        out.groups = groups;
+        out.merged_from = flat;
+        Ok(out)
     }
 }
 
