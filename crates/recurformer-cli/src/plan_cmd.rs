@@ -84,9 +84,26 @@ pub struct PlanArgs {
     /// first): early needles are the farthest back, the ones a restricted group loses first.
     #[arg(long, num_args = 2, value_names = ["LO", "HI"], default_values_t = [0.0, 1.0])]
     pub rank_depth: Vec<f64>,
-    /// Groups the harm ranking measures, the most recency-aware first (the rest stay attention).
+    /// Groups the harm ranking measures: the most recency-aware of those the protection rules
+    /// leave replaceable (the rest stay attention).
     #[arg(long, default_value_t = 60)]
     pub rank_candidates: usize,
+    /// Measure only the candidates that the harm ranking of this earlier plan.json (taken on the
+    /// same prompts: --rank-prompts, --rank-context, --rank-depth, --check-sinks, --check-window)
+    /// has not measured, and reuse its entries for the others: a larger candidate pool, or one
+    /// without the protected groups, for the cost of the new groups alone.
+    #[arg(long, value_name = "PLAN_JSON", conflicts_with = "rank_from")]
+    pub rank_extend: Option<PathBuf>,
+    /// Refine the plan in its own context with up to N swaps (needs --check-model): with the
+    /// planned groups restricted to --check-sinks + --check-window keys, each replaced group is
+    /// handed back alone and each kept candidate (the harm ranking's and the --rank-candidates
+    /// most recency-aware unprotected groups) restricted as well alone, on the harm ranking's kind
+    /// of prompts (--rank-prompts, --rank-context, --rank-depth); then the groups whose return
+    /// gains most are swapped for the candidates whose loss costs least while the gain exceeds the
+    /// cost. Sees what single-group harm misses: groups that cover for each other. Costs about as
+    /// much as a harm ranking. 0: off.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub refine: usize,
     /// Reuse the harm ranking of an earlier plan.json (`rule.harm`) instead of measuring it again:
     /// another fraction or protection rule from the same measurement, in seconds. Given several
     /// times (rankings of the same candidates on other prompts, e.g. --rank-context 1024 and
@@ -153,6 +170,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
         );
         rules.clear();
     }
+    if args.rank_extend.is_some() && args.rank != Rank::Harm {
+        anyhow::bail!("--rank-extend extends a harm ranking: use it with --rank harm");
+    }
     if !args.rank_from.is_empty() && args.rank != Rank::Harm {
         anyhow::bail!("--rank-from gives a harm ranking: use it with --rank harm");
     }
@@ -176,7 +196,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
                     let names: Vec<String> = args.rank_from.iter().map(|p| shown_path(p)).collect();
                     recurformer::model::plan::HarmRanking::merge_max(parts, &names)?
                 }
-                (true, Some(b)) => rank_by_harm(&args, b, &report)?,
+                (true, Some(b)) => rank_by_harm(&args, b, &report, &rules)?,
                 (true, None) => unreachable!("checked above"),
             };
             recurformer::convert::protect::plan_by_harm(&report, f, k, &rules, ranking)?
@@ -193,6 +213,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
         shape.num_attention_heads,
         shape.num_key_value_heads,
     )?;
+    if args.refine > 0 {
+        let b = base.as_ref().context(
+            "--refine measures the plan's groups in the base model: give it with --check-model",
+        )?;
+        plan = refine(&args, b, &report, &rules, plan)?;
+    }
     if let Some(b) = &base {
         plan = check(&args, b, &report, plan)?;
     }
@@ -441,6 +467,7 @@ fn rank_by_harm(
     args: &PlanArgs,
     b: &Base,
     report: &RecencyReport,
+    rules: &[recurformer::model::plan::ProtectRule],
 ) -> Result<recurformer::model::plan::HarmRanking> {
     anyhow::ensure!(
         args.rank_prompts >= 1 && args.rank_candidates >= 1 && args.check_window >= 1,
@@ -457,14 +484,50 @@ fn rank_by_harm(
         true,
         [args.rank_depth[0], args.rank_depth[1]],
     )?;
-    let mut ranked = report.group_scores();
-    ranked.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
-    let mut groups: Vec<(usize, usize)> = ranked
-        .iter()
-        .take(args.rank_candidates)
-        .map(|&(l, g, _)| (l, g))
-        .collect();
-    groups.sort_unstable();
+    // Protected groups are never replaced: measuring them would only shrink the choice.
+    let mut groups = unprotected_candidates(report, rules, args.rank_candidates)?;
+    let mut ranking = recurformer::model::plan::HarmRanking {
+        prompts: args.rank_prompts,
+        prompt_len: args.rank_context,
+        depth: [args.rank_depth[0], args.rank_depth[1]],
+        seed: RANK_SEED,
+        sinks: args.check_sinks,
+        window: args.check_window,
+        candidates: groups.len(),
+        unprotected_only: true,
+        groups: Vec::new(),
+        merged_from: Vec::new(),
+    };
+    // Entries of an earlier ranking on the same prompts are reused as they are.
+    let mut reused = Vec::new();
+    if let Some(path) = &args.rank_extend {
+        let old = load_ranking(path, report)?;
+        anyhow::ensure!(
+            old.merged_from.is_empty(),
+            "{}: its harm ranking merges several measurements (--rank-from A --rank-from B); \
+             --rank-extend needs one measurement",
+            path.display()
+        );
+        if let Some((field, ours, theirs)) = ranking.prompt_mismatch(&old) {
+            anyhow::bail!(
+                "{}: its harm ranking was measured with {field} {theirs}, this one asks for \
+                 {ours}: --rank-extend reuses measurements on the same prompts only",
+                path.display()
+            );
+        }
+        reused = old
+            .groups
+            .into_iter()
+            .filter(|e| groups.binary_search(&(e.layer, e.group)).is_ok())
+            .collect();
+        groups.retain(|g| !reused.iter().any(|e| (e.layer, e.group) == *g));
+        eprintln!(
+            "rank: {} of the {} candidates reused from {}",
+            reused.len(),
+            ranking.candidates,
+            shown_path(path)
+        );
+    }
     let template = recurformer::model::plan::Plan::by_fraction(report, 0.0, 0)?;
     eprintln!(
         "rank: {} groups, each restricted alone to {} sinks + {} recent keys, on {} passkey prompts of {} tokens (depth {}..{}, seed {RANK_SEED})",
@@ -489,17 +552,125 @@ fn rank_by_harm(
     )?;
     pb.finish_and_clear();
     eprintln!("rank: measured in {:.0} s", t0.elapsed().as_secs_f64());
-    Ok(recurformer::model::plan::HarmRanking {
+    ranking.groups = reused.into_iter().chain(entries).collect();
+    ranking.groups.sort_by_key(|e| (e.layer, e.group));
+    Ok(ranking)
+}
+
+/// The most recency-aware groups the protection `rules` leave replaceable, at most `n`, sorted by
+/// (layer, group).
+fn unprotected_candidates(
+    report: &RecencyReport,
+    rules: &[recurformer::model::plan::ProtectRule],
+    n: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let protected = recurformer::convert::protect::protected_groups(report, rules)?;
+    let mut ranked = report.group_scores();
+    ranked.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+    let mut groups: Vec<(usize, usize)> = ranked
+        .iter()
+        .filter(|&&(l, g, _)| protected[l][g].is_empty())
+        .take(n)
+        .map(|&(l, g, _)| (l, g))
+        .collect();
+    groups.sort_unstable();
+    Ok(groups)
+}
+
+/// `--refine`: swaps measured in the plan's own context (`convert::ceiling::refine_in_context`).
+fn refine(
+    args: &PlanArgs,
+    b: &Base,
+    report: &RecencyReport,
+    rules: &[recurformer::model::plan::ProtectRule],
+    plan: recurformer::model::plan::Plan,
+) -> Result<recurformer::model::plan::Plan> {
+    // The harm ranking's candidates and the --rank-candidates most recency-aware unprotected
+    // groups (a ranking from before `unprotected_only` measured protected groups too).
+    let protected = recurformer::convert::protect::protected_groups(report, rules)?;
+    let mut candidates = unprotected_candidates(report, rules, args.rank_candidates)?;
+    if let Some(h) = &plan.rule.harm {
+        candidates.extend(
+            h.groups
+                .iter()
+                .map(|e| (e.layer, e.group))
+                .filter(|&(l, g)| protected[l][g].is_empty()),
+        );
+    }
+    candidates.sort_unstable();
+    candidates.dedup();
+    let set = b.prompts(
+        args.rank_prompts,
+        args.rank_context,
+        7,
+        RANK_SEED,
+        true,
+        [args.rank_depth[0], args.rank_depth[1]],
+    )?;
+    let settings = recurformer::model::plan::Refinement {
         prompts: args.rank_prompts,
         prompt_len: args.rank_context,
         depth: [args.rank_depth[0], args.rank_depth[1]],
         seed: RANK_SEED,
         sinks: args.check_sinks,
         window: args.check_window,
-        candidates: groups.len(),
-        groups: entries,
-        merged_from: Vec::new(),
-    })
+        max_swaps: args.refine,
+        groups: Vec::new(),
+        restored: Vec::new(),
+        replaced: Vec::new(),
+    };
+    let kept = candidates
+        .iter()
+        .filter(|&&(l, g)| !plan.layers[l].mamba_groups.contains(&g))
+        .count();
+    let total = plan.replaced_groups() + kept;
+    eprintln!(
+        "refine: {} replaced groups handed back and {kept} kept candidates restricted, each alone beside the plan's, on {} passkey prompts of {} tokens (depth {}..{}, seed {RANK_SEED})",
+        plan.replaced_groups(),
+        args.rank_prompts,
+        args.rank_context,
+        args.rank_depth[0],
+        args.rank_depth[1]
+    );
+    let t0 = std::time::Instant::now();
+    let pb = crate::progress_bar(total as u64, "refine");
+    let out = recurformer::convert::ceiling::refine_in_context(
+        &b.loaded.model,
+        &plan,
+        &set,
+        settings,
+        &candidates,
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    let r = out
+        .rule
+        .refine
+        .as_ref()
+        .expect("refine_in_context records it");
+    let harm = |g: &recurformer::model::plan::GroupRef| {
+        r.groups
+            .iter()
+            .find(|e| (e.layer, e.group) == (g.layer, g.group))
+            .map_or(f64::NAN, |e| e.harm.answer)
+    };
+    eprintln!(
+        "refine: measured in {:.0} s; {} swaps",
+        t0.elapsed().as_secs_f64(),
+        r.restored.len()
+    );
+    for (o, i) in r.restored.iter().zip(&r.replaced) {
+        eprintln!(
+            "refine: L{}G{} back to attention (gains {:.3} nats), L{}G{} replaced instead (costs {:.3})",
+            o.layer,
+            o.group,
+            -harm(o),
+            i.layer,
+            i.group,
+            harm(i)
+        );
+    }
+    Ok(out)
 }
 
 /// The causal check (`convert::ceiling`) of `plan` with the base model `b`.

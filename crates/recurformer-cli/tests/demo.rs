@@ -249,5 +249,91 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
         err.contains(&format!("{} protected groups", prot.len())),
         "{err}"
     );
+
+    // The harm ranking measures only groups protection leaves replaceable, and --rank-extend
+    // measures only the candidates an earlier ranking on the same prompts lacks, reusing its
+    // entries as they are.
+    let protected_set: std::collections::BTreeSet<(u64, u64)> = prot
+        .iter()
+        .map(|g| (g["layer"].as_u64().unwrap(), g["group"].as_u64().unwrap()))
+        .collect();
+    let harm_plan = |candidates: &str, context: &str, extend: Option<&Path>, out_file: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_recurformer"));
+        c.args(["plan", "--recency"])
+            .arg(out.join("recency.json"))
+            .args([
+                "--replace-fraction",
+                "0.02",
+                "--rank",
+                "harm",
+                "--check-model",
+            ])
+            .arg(&model)
+            .args(["--rank-prompts", "1", "--rank-context", context])
+            .args(["--rank-candidates", candidates])
+            .args([
+                "--check-prompts",
+                "1",
+                "--check-context",
+                "128",
+                "--max-swaps",
+                "0",
+            ])
+            .args(["--threads", "2", "--out"])
+            .arg(out_file);
+        if let Some(e) = extend {
+            c.arg("--rank-extend").arg(e);
+        }
+        c.output()
+    };
+    let entries = |plan: &Value| -> Vec<(u64, u64, f64)> {
+        plan["rule"]["harm"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["layer"].as_u64().unwrap(),
+                    e["group"].as_u64().unwrap(),
+                    e["answer"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let small = dir.path().join("harm2.json");
+    let o = harm_plan("2", "160", None, &small)?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let small_plan = json(&small)?;
+    assert_eq!(small_plan["rule"]["harm"]["unprotected_only"], true);
+    let first = entries(&small_plan);
+    assert_eq!(first.len(), 2, "{first:?}");
+    let larger = dir.path().join("harm4.json");
+    let o = harm_plan("4", "160", Some(&small), &larger)?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("2 of the 4 candidates reused"), "{err}");
+    assert!(
+        err.contains("rank: 2 groups, each restricted alone"),
+        "{err}"
+    );
+    let second = entries(&json(&larger)?);
+    assert_eq!(second.len(), 4, "{second:?}");
+    for e in &first {
+        assert!(second.contains(e), "{e:?} not reused as it was: {second:?}");
+    }
+    for (l, g, _) in &second {
+        assert!(
+            !protected_set.contains(&(*l, *g)),
+            "protected L{l}G{g} was measured"
+        );
+    }
+    // Another prompt length is another measurement: refused, naming the field and both values.
+    let o = harm_plan("4", "128", Some(&small), &dir.path().join("refused.json"))?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("prompt_len 160") && err.contains("asks for 128"),
+        "{err}"
+    );
     Ok(())
 }

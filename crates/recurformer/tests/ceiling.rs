@@ -114,7 +114,10 @@ fn the_check_measures_the_ceiling_and_keeps_only_helpful_swaps() -> Result<()> {
 
 #[test]
 fn group_harm_is_the_answer_cost_of_restricting_one_group() -> Result<()> {
-    use recurformer::convert::ceiling::{group_harm, passkey_logprob};
+    use recurformer::convert::ceiling::{
+        group_harm, passkey_logprob, refine_in_context, toggle_harm,
+    };
+    use recurformer::model::plan::Refinement;
     let loaded = recurformer::checkpoint::loader::load(&default_model())?;
     let (base, tok) = (&loaded.model, loaded.tokenizer()?);
     let text = std::fs::read_to_string(root().join("data/text/austen/emma.txt"))?;
@@ -154,6 +157,54 @@ fn group_harm_is_the_answer_cost_of_restricting_one_group() -> Result<()> {
         harm[1].harm.answer > harm[0].harm.answer + 0.5,
         "restricting the copy group should cost the answer more than the previous-token group"
     );
+    // In the context of a plan that restricts L18G2, handing it back gains what restricting it
+    // alone cost; restricting L1G0 as well costs about what it costs alone (it is exactly local).
+    let bg = Plan::from_groups(&base.cfg, &{
+        let mut s = vec![vec![]; base.cfg.num_hidden_layers];
+        s[18] = vec![2];
+        s
+    })?;
+    let ctx = toggle_harm(base, &bg, &set, 4, 4, &[(1, 0), (18, 2)], &mut |_, _| {})?;
+    assert!(
+        (ctx[1].harm.answer + harm[1].harm.answer).abs() < 1e-3
+            && (ctx[1].harm.prose + harm[1].harm.prose).abs() < 1e-5,
+        "handing back L18G2: {:?}, restricting it alone: {:?}",
+        ctx[1].harm,
+        harm[1].harm
+    );
+    assert!(
+        ctx[0].harm.answer < 0.5,
+        "L1G0 beside L18G2: {:?}",
+        ctx[0].harm
+    );
+    // The refinement swaps the copy group back for the previous-token group and records both.
+    let refined = refine_in_context(
+        base,
+        &bg,
+        &set,
+        Refinement {
+            prompts: 4,
+            prompt_len: 400,
+            depth: recurformer::convert::passkey::PASSKEY_DEPTH,
+            seed: 5,
+            sinks: 4,
+            window: 4,
+            max_swaps: 3,
+            groups: vec![],
+            restored: vec![],
+            replaced: vec![],
+        },
+        &[(1, 0), (18, 2)],
+        &mut |_, _| {},
+    )?;
+    assert_eq!(refined.layers[18].mamba_groups, Vec::<usize>::new());
+    assert_eq!(refined.layers[1].mamba_groups, vec![0]);
+    let r = refined.rule.refine.as_ref().expect("recorded");
+    assert_eq!(
+        (r.restored.len(), r.restored[0].layer, r.replaced[0].layer),
+        (1, 18, 1)
+    );
+    assert_eq!(r.groups.len(), 2);
     // The layer-skipping path equals a whole forward of the restricted model.
     let base_lp = passkey_logprob(base, &set)?;
     let mut sets = vec![vec![]; base.cfg.num_hidden_layers];

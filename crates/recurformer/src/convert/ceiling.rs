@@ -19,7 +19,7 @@ use crate::convert::recency::RecencyReport;
 use crate::model::llama::Model;
 use crate::model::options::ForwardOptions;
 use crate::model::plan::{
-    CeilingCheck, CeilingSettings, GroupHarm, GroupHarmEntry, Plan, SwapTrial,
+    CeilingCheck, CeilingSettings, GroupHarm, GroupHarmEntry, GroupRef, Plan, Refinement, SwapTrial,
 };
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
@@ -85,11 +85,8 @@ fn scores_of(model: &Model, c: &CopyCase, h: &Tensor) -> Result<(f64, f64)> {
 /// For each KV group `(layer, group)` of `groups`: the [`GroupHarm`] of restricting that group
 /// alone, in `base`, to `sinks` + `window` recent keys, on `set` — a causal, per-group measure of
 /// what replacing the group costs, where the recency score only says how local its attention is
-/// on prose. `progress(done, total)` is called after each group.
-///
-/// Each trial changes one layer, so the base model's input to every layer is computed once per
-/// prompt and a trial runs from its layer up (`Model::forward_from_layer`): half the layers on
-/// average.
+/// on prose. `progress(done, total)` is called after each group. ([`toggle_harm`] with nothing
+/// restricted around the trials.)
 pub fn group_harm(
     base: &Model,
     template: &Plan,
@@ -99,22 +96,66 @@ pub fn group_harm(
     groups: &[(usize, usize)],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<GroupHarmEntry>> {
+    let none = Plan::from_mamba_sets(
+        template.shape,
+        template.rule.clone(),
+        &vec![Vec::new(); template.shape.num_layers],
+    );
+    toggle_harm(base, &none, set, sinks, window, groups, progress)
+}
+
+/// The harm of each group of `groups` in the context of `background`: `base` with the groups
+/// `background` replaces restricted to `sinks` + `window` recent keys is the reference, and each
+/// trial flips one group — restricts it too when `background` keeps it, gives it its full
+/// attention back when `background` replaces it. The entry is the reference's answer
+/// log-probability minus the trial's (and the trial's prose log-loss minus the reference's), so
+/// a restricted group's entry is negative by what handing it back gains, and a kept group's is
+/// what replacing it as well would cost *beside the others*: where single-group harm
+/// ([`group_harm`]) misses that groups cover for each other, this sees it to first order.
+///
+/// Each trial changes one layer, so the reference's input to every layer is computed once per
+/// prompt and a trial runs from its layer up (`Model::forward_from_layer`): half the layers on
+/// average. `progress(done, total)` is called after each group.
+pub fn toggle_harm(
+    base: &Model,
+    background: &Plan,
+    set: &CopySet,
+    sinks: usize,
+    window: usize,
+    groups: &[(usize, usize)],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<GroupHarmEntry>> {
+    let sets = replaced_sets(background);
+    let restricted = |sets: &[Vec<usize>]| -> Result<Model> {
+        if sets.iter().all(Vec::is_empty) {
+            return Ok(base.clone());
+        }
+        let p = Plan::from_mamba_sets(background.shape, background.rule.clone(), sets);
+        base.with_kv_window(&p, sinks, window)
+    };
+    let reference = restricted(&sets)?;
     let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(set.cases.len());
-    let mut base_lp = Vec::with_capacity(set.cases.len());
+    let mut ref_lp = Vec::with_capacity(set.cases.len());
     for c in &set.cases {
         let ids = Tensor::new(c.ids.as_slice(), &base.device)?.unsqueeze(0)?;
         let mut v = Vec::new();
-        let h = base.forward_from_layer(0, &base.embed(&ids)?, Some(&mut v))?;
-        base_lp.push(scores_of(base, c, &h)?);
+        let h = reference.forward_from_layer(0, &reference.embed(&ids)?, Some(&mut v))?;
+        ref_lp.push(scores_of(&reference, c, &h)?);
         inputs.push(v);
     }
-    let nl = template.shape.num_layers;
     let mut out = Vec::with_capacity(groups.len());
     for (i, &(l, g)) in groups.iter().enumerate() {
-        let mut sets = vec![Vec::new(); nl];
-        sets[l].push(g);
-        let one = Plan::from_mamba_sets(template.shape, template.rule.clone(), &sets);
-        let m = base.with_kv_window(&one, sinks, window)?;
+        let mut flipped = sets.clone();
+        match flipped[l].iter().position(|&x| x == g) {
+            Some(at) => {
+                flipped[l].remove(at);
+            }
+            None => {
+                flipped[l].push(g);
+                flipped[l].sort_unstable();
+            }
+        }
+        let m = restricted(&flipped)?;
         let lp = set
             .cases
             .iter()
@@ -126,13 +167,108 @@ pub fn group_harm(
             layer: l,
             group: g,
             harm: GroupHarm {
-                answer: base_lp.iter().zip(&lp).map(|(b, w)| b.0 - w.0).sum::<f64>() / n,
-                prose: base_lp.iter().zip(&lp).map(|(b, w)| w.1 - b.1).sum::<f64>() / n,
+                answer: ref_lp.iter().zip(&lp).map(|(b, w)| b.0 - w.0).sum::<f64>() / n,
+                prose: ref_lp.iter().zip(&lp).map(|(b, w)| w.1 - b.1).sum::<f64>() / n,
             },
         });
         progress(i + 1, groups.len());
     }
     Ok(out)
+}
+
+/// Refines `plan` by swaps measured in its own context (`plan --refine`): [`toggle_harm`] of
+/// every group the plan replaces and of every group of `candidates` it keeps, on `set`; then, up
+/// to `max_swaps` times, the replaced group whose return gains most is handed back and the kept
+/// candidate whose restriction costs least (keeping its layer's `min_attention_groups_per_layer`)
+/// is replaced instead, as long as the gain exceeds the cost. The gains and costs are first-order
+/// (each measured with every other group as the plan has it), so a swap's true effect is for the
+/// check (or a second refinement) to confirm. Returns the plan with `rule.refine` recorded; the
+/// plan is unchanged when no pair pays. `progress(done, total)` is called after each group.
+pub fn refine_in_context(
+    base: &Model,
+    plan: &Plan,
+    set: &CopySet,
+    settings: Refinement,
+    candidates: &[(usize, usize)],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Plan> {
+    let sets = replaced_sets(plan);
+    let replaced: Vec<(usize, usize)> = sets
+        .iter()
+        .enumerate()
+        .flat_map(|(l, gs)| gs.iter().map(move |&g| (l, g)))
+        .collect();
+    let kept: Vec<(usize, usize)> = candidates
+        .iter()
+        .copied()
+        .filter(|&(l, g)| !sets[l].contains(&g))
+        .collect();
+    let groups: Vec<(usize, usize)> = replaced.iter().chain(&kept).copied().collect();
+    let entries = toggle_harm(
+        base,
+        plan,
+        set,
+        settings.sinks,
+        settings.window,
+        &groups,
+        progress,
+    )?;
+    let harm = |g: (usize, usize)| {
+        entries
+            .iter()
+            .find(|e| (e.layer, e.group) == g)
+            .map(|e| e.harm.answer)
+            .expect("every group was measured")
+    };
+    // Gains of handing back, largest first; costs of replacing as well, smallest first (ties: lower
+    // layer, then lower group).
+    let mut gains: Vec<((usize, usize), f64)> = replaced.iter().map(|&g| (g, -harm(g))).collect();
+    gains.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut costs: Vec<((usize, usize), f64)> = kept.iter().map(|&g| (g, harm(g))).collect();
+    costs.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let n_kv = plan.shape.num_key_value_heads;
+    let min_keep = plan.rule.min_attention_groups_per_layer.max(1);
+    let mut new_sets = sets.clone();
+    let (mut restored, mut instead) = (Vec::new(), Vec::new());
+    let mut used = BTreeSet::new();
+    for &(out, gain) in &gains {
+        if restored.len() >= settings.max_swaps {
+            break;
+        }
+        let fits = |(l, _): (usize, usize), s: &[Vec<usize>]| {
+            let after = s[l].len() + 1 - usize::from(out.0 == l);
+            n_kv - after >= min_keep
+        };
+        let Some(&(into, cost)) = costs
+            .iter()
+            .find(|&&(g, _)| !used.contains(&g) && fits(g, &new_sets))
+        else {
+            break;
+        };
+        if gain <= cost {
+            break;
+        }
+        used.insert(into);
+        new_sets[out.0].retain(|&g| g != out.1);
+        new_sets[into.0].push(into.1);
+        new_sets[into.0].sort_unstable();
+        restored.push(GroupRef {
+            layer: out.0,
+            group: out.1,
+        });
+        instead.push(GroupRef {
+            layer: into.0,
+            group: into.1,
+        });
+    }
+    let mut rule = plan.rule.clone();
+    rule.refine = Some(Refinement {
+        groups: entries,
+        restored,
+        replaced: instead,
+        ..settings
+    });
+    Ok(Plan::from_mamba_sets(plan.shape, rule, &new_sets))
 }
 
 fn count(v: &[bool]) -> usize {

@@ -443,6 +443,7 @@ mod tests {
             window: 32,
             merged_from: Vec::new(),
             candidates: entries.len(),
+            unprotected_only: false,
             groups: entries
                 .iter()
                 .map(|&(layer, group, answer)| GroupHarmEntry {

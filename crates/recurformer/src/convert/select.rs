@@ -157,6 +157,7 @@ impl Plan {
             recency_model: Some(report.model.clone()),
             protection: None,
             harm: None,
+            refine: None,
         };
         let plan = Self::from_mamba_sets(shape, rule, &chosen);
         plan.validate_shape(

@@ -120,6 +120,41 @@ pub struct PlanRule {
     /// `convert::ceiling::group_harm`): the settings and every measured group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub harm: Option<HarmRanking>,
+    /// Present when the plan was refined by swaps measured in its own context (`plan --refine`,
+    /// `convert::ceiling::refine_in_context`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<Refinement>,
+}
+
+/// One KV group named by layer and group.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupRef {
+    pub layer: usize,
+    pub group: usize,
+}
+
+/// A plan refined in its own context: with the plan's groups restricted to `sinks` + `window`
+/// recent keys, each replaced group was handed back alone and each kept candidate restricted as
+/// well alone (`convert::ceiling::toggle_harm`) on `prompts` passkey prompts of `prompt_len`
+/// tokens (needle depth `depth`, seed `seed`); then the replaced groups whose return gains most
+/// were swapped, pair by pair, for the kept candidates whose loss costs least, while the gain
+/// exceeded the cost (at most `max_swaps` pairs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Refinement {
+    pub prompts: usize,
+    pub prompt_len: usize,
+    pub depth: [f64; 2],
+    pub seed: u64,
+    pub sinks: usize,
+    pub window: usize,
+    pub max_swaps: usize,
+    /// Every measured group in the plan's context before the swaps: a replaced group's `answer`
+    /// is minus what handing it back gains, a kept group's what restricting it as well costs.
+    pub groups: Vec<GroupHarmEntry>,
+    /// The groups handed back to attention, in swap order.
+    pub restored: Vec<GroupRef>,
+    /// The groups replaced instead, pairwise with `restored`.
+    pub replaced: Vec<GroupRef>,
 }
 
 /// What restricting one KV group alone to sinks + a recent window costs the base model, averaged
@@ -141,10 +176,11 @@ pub struct GroupHarmEntry {
     pub harm: GroupHarm,
 }
 
-/// The harm ranking of a plan: the `candidates` most recency-aware groups were each restricted
-/// alone to `sinks` + `window` recent keys on `prompts` passkey prompts of `prompt_len` tokens
-/// (chat-framed, 7-digit keys, the needle's depth drawn from `depth`, seed `seed`: not the check's
-/// prompts), and the budget was filled with the least harmful (by `answer`) of them.
+/// The harm ranking of a plan: the `candidates` most recency-aware groups (those the protection
+/// rules leave replaceable when `unprotected_only`) were each restricted alone to `sinks` +
+/// `window` recent keys on `prompts` passkey prompts of `prompt_len` tokens (chat-framed, 7-digit
+/// keys, the needle's depth drawn from `depth`, seed `seed`: not the check's prompts), and the
+/// budget was filled with the least harmful (by `answer`) of them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HarmRanking {
     pub prompts: usize,
@@ -156,6 +192,10 @@ pub struct HarmRanking {
     pub sinks: usize,
     pub window: usize,
     pub candidates: usize,
+    /// The candidates skip the groups the protection rules keep (they are never replaced, so
+    /// measuring them would leave fewer groups to choose among). Plans before this field: false.
+    #[serde(default)]
+    pub unprotected_only: bool,
     pub groups: Vec<GroupHarmEntry>,
     /// When this ranking combines several measurements (`plan --rank-from A --rank-from B`): the
     /// measurements themselves; `groups` then holds each group's largest cost over them.
@@ -183,7 +223,8 @@ impl HarmRanking {
         for (i, p) in parts.iter().enumerate().skip(1) {
             if key(p) != first {
                 anyhow::bail!(
-                    "the harm rankings of {} and {} measured different groups ({} and {}): merge                      rankings of the same candidates",
+                    "the harm rankings of {} and {} measured different groups ({} and {}): merge \
+                     rankings of the same candidates",
                     names.first().map(String::as_str).unwrap_or("part 0"),
                     names.get(i).map(String::as_str).unwrap_or("another part"),
                     parts[0].groups.len(),
@@ -217,6 +258,36 @@ impl HarmRanking {
         out.groups = groups;
         out.merged_from = flat;
         Ok(out)
+    }
+}
+
+impl HarmRanking {
+    /// The first prompt setting (prompts, context, depth, seed, sinks, window) in which `other`
+    /// differs from this ranking, as `(field, ours, theirs)`; `None` when their measurements of a
+    /// group are interchangeable (each group is restricted alone, so one group's harm does not
+    /// depend on which other groups were measured).
+    pub fn prompt_mismatch(&self, other: &HarmRanking) -> Option<(&'static str, String, String)> {
+        let fields: [(&'static str, String, String); 6] = [
+            (
+                "prompts",
+                self.prompts.to_string(),
+                other.prompts.to_string(),
+            ),
+            (
+                "prompt_len",
+                self.prompt_len.to_string(),
+                other.prompt_len.to_string(),
+            ),
+            (
+                "depth",
+                format!("{:?}", self.depth),
+                format!("{:?}", other.depth),
+            ),
+            ("seed", self.seed.to_string(), other.seed.to_string()),
+            ("sinks", self.sinks.to_string(), other.sinks.to_string()),
+            ("window", self.window.to_string(), other.window.to_string()),
+        ];
+        fields.into_iter().find(|(_, a, b)| a != b)
     }
 }
 
@@ -430,6 +501,7 @@ impl Plan {
             recency_model: None,
             protection: None,
             harm: None,
+            refine: None,
         };
         Self::from_mamba_sets(shape, rule, &vec![Vec::new(); shape.num_layers])
     }
@@ -452,6 +524,7 @@ impl Plan {
             recency_model: None,
             protection: None,
             harm: None,
+            refine: None,
         };
         let plan = Self::from_mamba_sets(shape, rule, mamba);
         plan.validate(cfg)?;
@@ -849,6 +922,25 @@ mod tests {
         assert_eq!(back.depth, [0.0, 0.3]);
     }
 
+    #[test]
+    fn rankings_on_other_prompts_are_told_apart_by_the_first_differing_setting() {
+        let a = ranking(1024, &[(0, 0, 0.1)]);
+        assert_eq!(a.prompt_mismatch(&ranking(1024, &[(1, 2, 0.3)])), None);
+        let b = HarmRanking {
+            depth: [0.0, 0.3],
+            window: 64,
+            ..ranking(1024, &[])
+        };
+        assert_eq!(
+            a.prompt_mismatch(&b),
+            Some(("depth", "[0.0, 1.0]".into(), "[0.0, 0.3]".into()))
+        );
+        assert_eq!(
+            a.prompt_mismatch(&ranking(4096, &[])).map(|m| m.0),
+            Some("prompt_len")
+        );
+    }
+
     fn ranking(len: usize, costs: &[(usize, usize, f64)]) -> HarmRanking {
         HarmRanking {
             prompts: 4,
@@ -858,6 +950,7 @@ mod tests {
             sinks: 4,
             window: 32,
             candidates: costs.len(),
+            unprotected_only: false,
             groups: costs
                 .iter()
                 .map(|&(layer, group, answer)| GroupHarmEntry {
