@@ -205,6 +205,29 @@ fn group_harm_is_the_answer_cost_of_restricting_one_group() -> Result<()> {
         (1, 18, 1)
     );
     assert_eq!(r.groups.len(), 2);
+    // A kept group in a layer at the plan's per-layer minimum is still measured (the trial
+    // restricts the whole layer: a measurement, not a plan), and the refinement keeps the minimum.
+    let mut sets2 = vec![vec![]; base.cfg.num_hidden_layers];
+    sets2[1] = vec![1, 2];
+    sets2[18] = vec![2];
+    let mut bg2 = Plan::from_groups(&base.cfg, &sets2)?;
+    bg2.rule.min_attention_groups_per_layer = 1;
+    let refined2 = refine_in_context(
+        base,
+        &bg2,
+        &set,
+        Refinement {
+            groups: vec![],
+            ..r.clone()
+        },
+        &[(1, 0), (1, 1), (1, 2), (18, 2)],
+        &mut |_, _| {},
+    )?;
+    let r2 = refined2.rule.refine.as_ref().expect("recorded");
+    assert_eq!(r2.groups.len(), 4, "{:?}", r2.groups);
+    assert!(r2.groups.iter().all(|e| e.harm.answer.is_finite()));
+    refined2.validate(&base.cfg)?;
+    assert_eq!(refined2.replaced_groups(), 3);
     // The layer-skipping path equals a whole forward of the restricted model.
     let base_lp = passkey_logprob(base, &set)?;
     let mut sets = vec![vec![]; base.cfg.num_hidden_layers];

@@ -126,11 +126,15 @@ pub fn toggle_harm(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<GroupHarmEntry>> {
     let sets = replaced_sets(background);
+    // A trial may restrict every group of a layer: it is a measurement, not a plan, so the
+    // per-layer minimum of the background's rule does not apply to it.
+    let mut rule = background.rule.clone();
+    rule.min_attention_groups_per_layer = 0;
     let restricted = |sets: &[Vec<usize>]| -> Result<Model> {
         if sets.iter().all(Vec::is_empty) {
             return Ok(base.clone());
         }
-        let p = Plan::from_mamba_sets(background.shape, background.rule.clone(), sets);
+        let p = Plan::from_mamba_sets(background.shape, rule.clone(), sets);
         base.with_kv_window(&p, sinks, window)
     };
     let reference = restricted(&sets)?;
