@@ -5,12 +5,11 @@
 //!
 //! A step is replayed by hand from the public pieces of `DecoderLayer::forward` (the same ops in
 //! the same order, on the real caches, so weights come from memory as in a real step), with a
-//! timer around each op; the mixer's step is replayed from its pieces too (projections; conv,
-//! scan step, gate and norm as the candle ops of `MambaMixer::step`). Each replay is followed by
+//! timer around each op (the mixer's step as one op: its projections and kernel). Each replay is followed by
 //! one real `forward_last` step; medians over REPS of each op's sum over the layers, and of the
 //! real step. The gap between the real step and the sum of its ops is the glue timed nowhere
 //! (cat, reshapes, dispatch between ops). Medians, not means: the machine may be shared.
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use recurformer::model::attention::{attention, AttentionInputs};
 use recurformer::model::kernels::prefill_attention::{prefill_attention, KeyRule};
 use recurformer::model::options::ForwardOptions;
@@ -22,17 +21,16 @@ struct Timer {
 }
 
 impl Timer {
-    fn time<T>(&mut self, k: &'static str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    fn time<T>(
+        &mut self,
+        k: &'static str,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let s = Instant::now();
         let r = f()?;
         *self.acc.entry(k).or_default() += s.elapsed().as_secs_f64() * 1e6;
         Ok(r)
     }
-}
-
-fn softplus(x: &Tensor) -> anyhow::Result<Tensor> {
-    let tail = ((x.abs()?.neg()?.exp()? + 1.0)?).log()?;
-    Ok((x.relu()? + tail)?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,7 +76,9 @@ fn main() -> anyhow::Result<()> {
     let mut per_rep: Vec<BTreeMap<&'static str, f64>> = Vec::new();
     let mut whole = Vec::new();
     for rep in 0..reps + 1 {
-        let mut t = Timer { acc: BTreeMap::new() };
+        let mut t = Timer {
+            acc: BTreeMap::new(),
+        };
         let pos = cache.seq_len;
         let (cos, sin) = t.time("embedding + rope tables", || {
             m.embed(&ids)?;
@@ -90,7 +90,11 @@ fn main() -> anyhow::Result<()> {
             let mut parts = Vec::new();
             if let Some(a) = &layer.self_attn {
                 let (q, k, v) = t.time("kept attn: q/k/v proj (q8_0)", || {
-                    Ok((a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?))
+                    Ok((
+                        a.q_proj.forward(&h)?,
+                        a.k_proj.forward(&h)?,
+                        a.v_proj.forward(&h)?,
+                    ))
                 })?;
                 let (q, k) = t.time("kept attn: rope + reshapes", || {
                     let q = q.reshape((1, 1, a.n_heads, hd))?.transpose(1, 2)?;
@@ -118,60 +122,25 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(mx) = &layer.mixer {
                 let st = states[i].as_mut().unwrap();
-                let u = h.squeeze(1)?; // (1, d)
-                let (xbc, dt, z) = t.time("mixer: projections (f32 matmuls)", || {
-                    let xbc = mx.xbc_proj(&u)?;
-                    let dt = u.matmul(&mx.dt_proj.t()?)?;
-                    let z = u.matmul(&mx.z_proj.t()?)?;
-                    Ok((xbc, dt, z))
-                })?;
-                let c = mx.cfg;
-                let (g_, g, p, ns, n) = (c.n_groups, c.group_size, c.head_dim, c.state_size, c.n_heads());
-                let (x_, b_, c_, conv_in) = t.time("mixer: conv + split (candle ops)", || {
-                    let conv_in = Tensor::cat(&[&st.conv, &xbc.unsqueeze(2)?], 2)?;
-                    let xbc = conv_in
-                        .broadcast_mul(&mx.conv_weight)?
-                        .sum(2)?
-                        .broadcast_add(&mx.conv_bias)?
-                        .silu()?; // (1, C_ch)
-                    let rep_g = |x: Tensor, k: usize| -> anyhow::Result<Tensor> {
-                        Ok(x.reshape((1, g_, 1, k))?.broadcast_as((1, g_, g, k))?.reshape((1, n, k))?)
-                    };
-                    let x_ = rep_g(xbc.narrow(1, 0, g_ * p)?, p)?;
-                    let b_ = rep_g(xbc.narrow(1, g_ * p, g_ * ns)?, ns)?;
-                    let c_ = xbc.narrow(1, g_ * (p + ns), n * ns)?.reshape((1, n, ns))?;
-                    Ok((x_, b_, c_, conv_in))
-                })?;
-                let (y, hnew) = t.time("mixer: dt + scan step (candle ops)", || {
-                    let dt = softplus(&dt.broadcast_add(&mx.dt_bias)?)?; // (1, n)
-                    let a = mx.a_log.exp()?.neg()?;
-                    let decay = dt.broadcast_mul(&a)?.exp()?.unsqueeze(2)?.unsqueeze(3)?;
-                    let dx = x_.broadcast_mul(&dt.unsqueeze(2)?)?;
-                    let dbx = dx.unsqueeze(3)?.broadcast_mul(&b_.unsqueeze(2)?)?;
-                    let hn = (st.ssm.broadcast_mul(&decay)? + dbx)?;
-                    let y = hn.broadcast_mul(&c_.unsqueeze(2)?)?.sum(3)?;
-                    let y = (y + x_.broadcast_mul(&mx.d.unsqueeze(1)?)?)?;
-                    Ok((y, hn))
-                })?;
-                let out = t.time("mixer: gate + norm + state (candle ops)", || {
-                    let z = z.broadcast_add(&mx.z_bias)?;
-                    let v = (&y * z.reshape(y.shape())?.silu()?)?;
-                    let ones = Tensor::ones(p, DType::F32, &dev)?;
-                    let nrm = candle_nn::ops::rms_norm(&v.contiguous()?, &ones, 1e-5)?;
-                    let out = nrm.broadcast_mul(&mx.norm_weight.reshape((n, p))?)?.flatten_from(1)?;
-                    st.conv = conv_in.narrow(2, 1, c.conv_kernel - 1)?.contiguous()?;
-                    st.ssm = hnew;
-                    Ok(out.unsqueeze(1)?)
-                })?;
+                // The step as the model runs it: projections (one q8_0 matmul under --weights
+                // q8_0) and the hand-written kernel (`mamba/step.rs`).
+                let out = t.time("mixer: step (projections + kernel)", || mx.step(&h, st))?;
                 let mut y = out;
                 if let Some(w) = &layer.local {
                     let (q, k, v) = t.time("windowed: q/k/v proj (q8_0)", || {
-                        Ok((w.q_proj.forward(&h)?, w.k_proj.forward(&h)?, w.v_proj.forward(&h)?))
+                        Ok((
+                            w.q_proj.forward(&h)?,
+                            w.k_proj.forward(&h)?,
+                            w.v_proj.forward(&h)?,
+                        ))
                     })?;
                     let (q, k, v) = t.time("windowed: rope + reshapes", || {
                         let q = q.reshape((1, 1, w.n_heads, hd))?.transpose(1, 2)?;
                         let k = k.reshape((1, 1, w.n_kv_heads, hd))?.transpose(1, 2)?;
-                        let v = v.reshape((1, 1, w.n_kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
+                        let v = v
+                            .reshape((1, 1, w.n_kv_heads, hd))?
+                            .transpose(1, 2)?
+                            .contiguous()?;
                         Ok((
                             m.rope.apply(&q, &cos, &sin, &opts)?,
                             m.rope.apply(&k, &cos, &sin, &opts)?,
@@ -200,11 +169,17 @@ fn main() -> anyhow::Result<()> {
                 parts.push(y);
             }
             let o_in = t.time("cat kept | replaced", || {
-                Ok(if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 2)? })
+                Ok(if parts.len() == 1 {
+                    parts.pop().unwrap()
+                } else {
+                    Tensor::cat(&parts, 2)?
+                })
             })?;
             let o = t.time("o_proj (q8_0)", || layer.o_proj.forward(&o_in))?;
             x = t.time("residual adds", || Ok((&x + o)?))?;
-            let h2 = t.time("norms", || layer.post_attention_layernorm.forward(&x, &opts))?;
+            let h2 = t.time("norms", || {
+                layer.post_attention_layernorm.forward(&x, &opts)
+            })?;
             let mlp = &layer.mlp;
             let (gt, up) = t.time("mlp: gate + up proj (q8_0)", || {
                 Ok((mlp.gate_proj.forward(&h2)?, mlp.up_proj.forward(&h2)?))
@@ -246,7 +221,12 @@ fn main() -> anyhow::Result<()> {
         replay / 1e3,
     );
     for (k, v) in rows {
-        println!("  {:<44} {:>7.3} ms  {:>5.1} %", k, v / 1e3, 100.0 * v / replay);
+        println!(
+            "  {:<44} {:>7.3} ms  {:>5.1} %",
+            k,
+            v / 1e3,
+            100.0 * v / replay
+        );
     }
     Ok(())
 }

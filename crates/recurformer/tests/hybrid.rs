@@ -129,6 +129,48 @@ fn tiny_hybrids_round_trip_and_decode_like_the_full_forward() -> Result<()> {
 }
 
 #[test]
+fn quantised_tiny_hybrids_decode_like_their_full_forward() -> Result<()> {
+    // Under q8_0 the mixers' five projections become one quantised matrix that prefill and decode
+    // both read (and decode steps run the mixer kernel and the q8_0 decode kernel), so cached
+    // decode still equals the full forward up to the order of f32 sums: the f32 bound above.
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let ids_v: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let report = report_for(&base, &ids_v, 2)?;
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let mut h = hybrid(&base, &plan, Some(&report), Init::Random)?;
+        let f32_logits = logits(&h, &ids)?;
+        let s = h.quantize(recurformer::model::quant::WeightFormat::Q8_0)?;
+        let mixers = h.layers.iter().filter(|l| l.mixer.is_some()).count();
+        assert!(mixers == 2, "{name}: {mixers} mixers");
+        assert!(
+            h.layers
+                .iter()
+                .filter_map(|l| l.mixer.as_ref())
+                .all(|m| m.step_proj.is_some()),
+            "{name}: a mixer's projections were left in f32: {:?}",
+            s.kept_f32
+        );
+        // A prefill of 2, a piece of 3, then single-token steps (the step kernel).
+        assert!(ids.dim(1)? >= 8, "{name}: {} tokens", ids.dim(1)?);
+        let d = cached_vs_full(&h, &ids, 2)?;
+        println!("{name} q8_0: cached vs full {d:.2e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+        // It is still the same function up to q8_0 rounding: a few 0.5 % errors of the
+        // matmuls compounded over two layers, well under 5 % of the largest logit.
+        let q = max_abs_diff(&f32_logits, &logits(&h, &ids)?)?;
+        let scale = f32_logits.abs()?.max_all()?.to_scalar::<f32>()?;
+        println!("{name} q8_0 vs f32 logits: {q:.3e} (largest {scale:.2})");
+        assert!(
+            q > 0.0 && q < 0.05 * scale,
+            "{name}: q8_0 vs f32 logits {q} of {scale}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn attention_init_needs_the_recency_report() -> Result<()> {
     let base = recurformer::checkpoint::loader::load(&fixture("tiny-llama"))?.model;
     let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![]])?;

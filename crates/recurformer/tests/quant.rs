@@ -172,3 +172,80 @@ fn batched_decode_of_a_quantised_model_matches_each_sequence_alone() -> Result<(
     }
     Ok(())
 }
+
+#[test]
+fn q8_0_decode_kernel_matches_candle_on_every_instruction_set() -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use recurformer::model::kernels::{q8_gemv, simd::Isa};
+    let dev = Device::Cpu;
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let e = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        let n = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        Ok((e / n) as f64)
+    };
+    // Shapes of the default model (576 -> 1536 runs on two threads, 1536 -> 576 too) and odd ones.
+    for (n, k) in [(5usize, 64usize), (96, 576), (1536, 576), (576, 1536)] {
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let q = QMatMul::from_arc(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?))?;
+        for m in 1..=q8_gemv::MAX_ROWS {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let candle = candle_core::Module::forward(&q, &x)?;
+            let f32_ = x.matmul(&w.t()?)?;
+            // The arithmetic exactly: x rounded per block of 32 as GGML's Q8_0 (d = max|x| / 127
+            // kept as f16, values round(x / d)), times the dequantised weights, in f32.
+            let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let xd: Vec<f32> = xv
+                .chunks(32)
+                .flat_map(|b| {
+                    let d = b.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let d16 = half::f16::from_f32(d).to_f32();
+                    b.iter()
+                        .map(move |v| (v * id).round() * d16)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let wd = match &q {
+                QMatMul::QTensor(t) => t.dequantize(&dev)?,
+                _ => unreachable!(),
+            };
+            let exact = Tensor::from_vec(xd, (m, k), &dev)?.matmul(&wd.t()?)?;
+            for isa in Isa::available() {
+                let got = q8_gemv::q8_0_matmul_on(isa, &q, &x)?.expect("q8_0, f32, <= 8 rows");
+                assert_eq!(got.dims(), &[m, n]);
+                // Only the order of the f32 sums differs (a few ulps of each output).
+                let e = rel(&got, &exact)?;
+                assert!(e < 1e-5, "({n}, {k}) m {m} {isa:?}: {e} from the exact sum");
+                // candle's generic kernel does the same arithmetic; for inputs that are a
+                // multiple of 256 its x86 fast path rounds x per 256 (Q8_K) instead, so there only
+                // the q8_0 bound applies.
+                let e = rel(&got, &candle)?;
+                let bound = if k % 256 == 0 { 0.02 } else { 1e-5 };
+                assert!(e < bound, "({n}, {k}) m {m} {isa:?}: {e} from candle");
+                // The q8_0 bound against f32 (each_format_stays_within_its_error_bound), where
+                // there are enough outputs for the relative error to be its expected value
+                // (the (5, 64) case has 5 to 40 outputs of 64-term sums).
+                let e = rel(&got, &f32_)?;
+                assert!(e > 0.0, "({n}, {k}) m {m} {isa:?}: no rounding at all?");
+                if n >= 96 && k >= 512 {
+                    assert!(e < 0.02, "({n}, {k}) m {m} {isa:?}: {e} from f32");
+                }
+            }
+        }
+        // More rows than the kernel takes: candle's matmul (prefill).
+        let x = Tensor::randn(0f32, 1.0, (q8_gemv::MAX_ROWS + 1, k), &dev)?;
+        assert!(q8_gemv::q8_0_matmul_on(Isa::detect(), &q, &x)?.is_none());
+        let y = q8_gemv::qmatmul(&q, &x)?;
+        assert_eq!(y.dims(), &[q8_gemv::MAX_ROWS + 1, n]);
+        // An input of the wrong width is refused with both shapes named.
+        let bad = Tensor::randn(0f32, 1.0, (1, k + 32), &dev)?;
+        let e = q8_gemv::q8_0_matmul_on(Isa::detect(), &q, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{}", k + 32)) && e.contains(&format!("({n}, {k})")),
+            "{e}"
+        );
+    }
+    Ok(())
+}

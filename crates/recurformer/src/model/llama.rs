@@ -327,6 +327,7 @@ impl DecoderLayer {
             || q(&self.mlp.gate_proj)
             || q(&self.mlp.up_proj)
             || q(&self.mlp.down_proj)
+            || self.mixer.as_ref().is_some_and(|m| m.step_proj.is_some())
     }
 }
 
@@ -653,7 +654,7 @@ impl Model {
         let h = self.norm.forward(&x, &ForwardOptions::default())?; // (n, 1, d)
         let h = h.reshape((n, self.cfg.hidden_size))?; // (n, d)
         match &self.lm_head_q {
-            Some(q) => Ok(candle_core::Module::forward(q, &h)?), // (n, v)
+            Some(q) => crate::model::kernels::q8_gemv::qmatmul(q, &h), // (n, v)
             None => crate::model::layers::matmul_rows(&h, &self.lm_head), // (n, v)
         }
     }
@@ -663,7 +664,7 @@ impl Model {
         let (b, t, d) = h.dims3()?;
         let h2 = h.reshape((b * t, d))?;
         let y = match &self.lm_head_q {
-            Some(q) => candle_core::Module::forward(q, &h2.contiguous()?)?,
+            Some(q) => crate::model::kernels::q8_gemv::qmatmul(q, &h2)?,
             None => h2.matmul(&self.lm_head.t()?)?,
         };
         Ok(y.reshape((b, t, self.cfg.vocab_size))?)

@@ -5,8 +5,11 @@
 //! 4.5 bits; the K-quants: super-blocks of 256). Decode reads every weight once per token, so
 //! its speed follows the bytes read, which Q8_0 cuts to 0.27 of f32.
 //!
-//! What stays f32: the embedding lookup (a gather, not a matmul), the norms, the Mamba mixers'
-//! small projections, convolution and scan, and any matrix whose input size is not a multiple of
+//! The Mamba mixers' five projections (x, B, C, Δ, z) are stacked into one quantised matrix per
+//! mixer for the decode step (`MambaMixer::quantize`); prefill runs them in f32.
+//!
+//! What stays f32: the embedding lookup (a gather, not a matmul), the norms, the mixers' conv and
+//! scan and their projections in prefill, and any matrix whose input size is not a multiple of
 //! the format's block (e.g. the K-quants on a model with 576-wide layers); [`QuantSummary`] says
 //! which. Activations are quantised per row by the kernel (to Q8_0 / Q8_K), as in llama.cpp.
 //! Training never quantises: the f32 weights stay, and gradients flow through them only.
@@ -120,6 +123,21 @@ impl Model {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (name, l) in layer.inference_linears_mut() {
                 one(format!("model.layers.{i}.{name}"), l)?;
+            }
+        }
+        // The mixers' decode-step projections, stacked into one matrix per mixer.
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            if let Some(mx) = &mut layer.mixer {
+                let n = mx.step_proj_weights();
+                s.bytes_f32 += 4 * n;
+                if mx.quantize(dtype)? {
+                    s.quantized += 1;
+                    s.quantized_weights += n;
+                    s.bytes_after += bytes_of(dtype, n);
+                } else {
+                    s.kept_f32.push(format!("model.layers.{i}.mixer.step_proj"));
+                    s.bytes_after += 4 * n;
+                }
             }
         }
         let (v, d) = self.lm_head.dims2()?;
