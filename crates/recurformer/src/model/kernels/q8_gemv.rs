@@ -44,10 +44,35 @@ fn disabled() -> bool {
     })
 }
 
+/// Whether candle's x86 fast path (repacked tiles, VNNI) takes a q8_0 matrix with `k` inputs,
+/// whatever the number of rows (candle-core 0.11.1, `quantized/repack_x86.rs` `select`). It
+/// rounds x per 256 values (Q8_K) where GGML's Q8_0 rounds per 32, so a decode step through the
+/// kernel here would not reproduce the prefill of the same matrix bit for bit (0.5 % apart);
+/// such matrices stay with candle for every row count, and cached decode keeps equal to a full
+/// forward. Measured on one thread, both run at the same speed there (BENCHMARKS.md).
+fn candle_repacks(k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let vnni = *VNNI.get_or_init(|| {
+            (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
+                || (is_x86_feature_detected!("avxvnni") && is_x86_feature_detected!("avx2"))
+        });
+        vnni && k % 256 == 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        false
+    }
+}
+
 /// `x Wᵀ` through `q`: x (m, k) -> (m, n), with the kernel here when it applies (q8_0 weights,
-/// f32 x on the CPU, 1..=MAX_ROWS rows) and candle's quantised matmul otherwise.
+/// f32 x on the CPU, 1..=MAX_ROWS rows, a matrix candle does not repack) and candle's quantised
+/// matmul otherwise.
 pub fn qmatmul(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
-    if !disabled() {
+    let k = x.dims().last().copied().unwrap_or(0);
+    if !disabled() && !candle_repacks(k) {
         if let Some(y) = q8_0_matmul_on(Isa::detect(), q, x)? {
             return Ok(y);
         }
