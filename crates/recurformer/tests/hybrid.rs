@@ -171,6 +171,33 @@ fn quantised_tiny_hybrids_decode_like_their_full_forward() -> Result<()> {
 }
 
 #[test]
+fn a_long_prompt_prefilled_in_pieces_gives_the_full_forward_logits() -> Result<()> {
+    use recurformer::model::llama::PREFILL_PIECE;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let ids_v: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let h = hybrid(&base, &plan, None, Init::Random)?;
+        // Two whole pieces and a part of one.
+        let t = 2 * PREFILL_PIECE + 37;
+        let long: Vec<u32> = (0..t).map(|i| ids_v[i % ids_v.len()]).collect();
+        let long = Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        for (what, m) in [("base", &base), ("hybrid", &h)] {
+            let full = logits(m, &long)?.narrow(1, t - 1, 1)?.squeeze(1)?; // (1, v)
+            let mut cache = m.new_cache(1, 16);
+            let last = m.forward_last(&long, &mut cache)?;
+            assert_eq!(cache.seq_len, t);
+            let d = max_abs_diff(&full, &last)?;
+            println!("{name} {what}: pieces vs one prefill {d:.2e}");
+            // The cached-vs-full bound of the tests above.
+            assert!(d <= 1e-4, "{name} {what}: {d}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn attention_init_needs_the_recency_report() -> Result<()> {
     let base = recurformer::checkpoint::loader::load(&fixture("tiny-llama"))?.model;
     let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![]])?;

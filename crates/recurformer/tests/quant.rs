@@ -249,3 +249,83 @@ fn q8_0_decode_kernel_matches_candle_on_every_instruction_set() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn freeing_the_f32_copies_keeps_the_function_and_refuses_saving() -> Result<()> {
+    use recurformer::convert::init::{convert, ConvertOptions};
+    use recurformer::model::hybrid::{Init, Provenance};
+    use recurformer::model::plan::Plan;
+    let tmp = tempfile::tempdir()?;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        // The base model and a hybrid with one all-Mamba layer (the mixers' copies go too).
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let hybrid = convert(
+            &base,
+            &ConvertOptions {
+                plan: &plan,
+                recency: None,
+                init: Init::Random,
+                seed: 3,
+                provenance: Provenance {
+                    base_model: "test".into(),
+                    recurformer_version: "test".into(),
+                    recency: None,
+                    plan_file: None,
+                    seed: 0,
+                    training: vec![],
+                },
+                local: None,
+            },
+        )?;
+        for (what, mut m) in [("base", base), ("hybrid", hybrid)] {
+            let mut at_once = m.clone(); // shares the f32 storage until it is replaced
+            m.quantize(WeightFormat::Q8_0)?;
+            let params = m.num_parameters();
+            let before = m.forward(&ids, &mut m.new_cache(1, 4))?;
+            let freed = m.drop_f32_copies()?;
+            assert!(m.inference_only);
+            // Every layer's matrices and the mixers' projections, 4 bytes a weight.
+            let mut want = 0;
+            for l in &m.layers {
+                if let Some(a) = &l.self_attn {
+                    want += a.q_proj.weight.elem_count()
+                        + a.k_proj.weight.elem_count()
+                        + a.v_proj.weight.elem_count();
+                }
+                if let Some(mx) = &l.mixer {
+                    want += mx.step_proj_weights();
+                }
+                want += l.o_proj.weight.elem_count()
+                    + l.mlp.gate_proj.weight.elem_count()
+                    + l.mlp.up_proj.weight.elem_count()
+                    + l.mlp.down_proj.weight.elem_count();
+            }
+            if !m.cfg.tie_word_embeddings {
+                want += m.lm_head.elem_count();
+            }
+            assert_eq!(freed, 4 * want, "{name} {what}");
+            // Shapes and counts as before, the same logits bit for bit (forwards never read the
+            // f32 copies of quantised weights).
+            assert_eq!(m.num_parameters(), params, "{name} {what}");
+            let after = m.forward(&ids, &mut m.new_cache(1, 4))?;
+            assert_eq!(max_abs_diff(&before, &after)?, 0.0, "{name} {what}");
+            let (full, cached) = full_and_cached(&m, &ids, 2)?;
+            assert!(max_abs_diff(&full, &cached)? <= 1e-4, "{name} {what}");
+            // Saving would write placeholders: refused, saying why.
+            let dir = tmp.path().join(format!("{name}-{what}"));
+            let e = recurformer::checkpoint::save::save_checkpoint(&m, None, &dir).unwrap_err();
+            let e = format!("{e:#}");
+            assert!(e.contains("freed for inference"), "{e}");
+            assert!(!dir.exists());
+            // Quantising and freeing layer by layer gives the same model.
+            let (s, freed_too) = at_once.quantize_for_inference(WeightFormat::Q8_0)?;
+            assert!(s.quantized > 0 && at_once.inference_only);
+            assert_eq!(freed_too, freed, "{name} {what}");
+            let again = at_once.forward(&ids, &mut at_once.new_cache(1, 4))?;
+            assert_eq!(max_abs_diff(&after, &again)?, 0.0, "{name} {what}");
+        }
+    }
+    Ok(())
+}
