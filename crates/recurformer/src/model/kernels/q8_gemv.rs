@@ -15,14 +15,13 @@
 //! own: one pass over each weight row serves every row of x (the weights are read once per call,
 //! whatever the number of rows), the 8-bit products use AVX2 (`vpmaddubsw` on |w| and x with w's
 //! sign, as GGML's AVX2 path does), chosen at run time, with a portable scalar fallback; output
-//! rows are split across threads (rayon) when the matrix is large enough to pay for it.
+//! rows are split across candle's worker pool when the matrix is large enough to pay for it.
 
 use crate::model::kernels::simd::Isa;
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 /// Most rows of x one call takes; more go to candle's matmul (prefill).
 pub const MAX_ROWS: usize = 8;
@@ -34,6 +33,9 @@ const BLOCK_BYTES: usize = 34;
 /// Below this many weights a matrix is done on one thread (dispatch would cost more than it
 /// saves).
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
+
+/// Weight rows per work item of the thread pool.
+const ROWS_PER_ITEM: usize = 16;
 
 /// Whether the kernel is switched off in favour of candle's matmul: set
 /// `RECURFORMER_CANDLE_QMATMUL=1` to time or check the old path. Read once.
@@ -111,25 +113,31 @@ pub fn q8_0_matmul_on(isa: Isa, q: &QMatMul, x: &Tensor) -> Result<Option<Tensor
     }
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let xq = quantize_rows(&xs, m, k);
-    // Output computed transposed, (n, m): each thread owns a run of weight rows.
+    // Output computed transposed, (n, m): each work item owns a run of weight rows.
     let mut yt = vec![0f32; n * m];
-    let rows_per_task = if n * k >= PARALLEL_MIN_WEIGHTS {
-        n.div_ceil(2 * rayon::current_num_threads()).max(16)
-    } else {
-        n
-    };
-    let work = |(ci, out): (usize, &mut [f32])| {
-        let r0 = ci * rows_per_task;
+    let task = |r0: usize, out: &mut [f32]| {
         let rows = out.len() / m;
         let w = &data[r0 * kb * BLOCK_BYTES..(r0 + rows) * kb * BLOCK_BYTES];
         gemv_rows(isa, w, kb, &xq, m, out);
     };
-    if rows_per_task < n {
-        yt.par_chunks_mut(rows_per_task * m)
-            .enumerate()
-            .for_each(work);
+    if n * k >= PARALLEL_MIN_WEIGHTS {
+        // candle's own worker pool (the one its quantised matmuls use), so that the two kinds
+        // of matmul in a step do not keep two sets of spinning threads on the same cores.
+        let items = n.div_ceil(ROWS_PER_ITEM);
+        let yt_ptr = yt.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+            for it in range {
+                let r0 = it * ROWS_PER_ITEM;
+                let rows = ROWS_PER_ITEM.min(n - r0);
+                // SAFETY: items cover disjoint row ranges of `yt`, which outlives the call.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut((yt_ptr as *mut f32).add(r0 * m), rows * m)
+                };
+                task(r0, out);
+            }
+        });
     } else {
-        work((0, &mut yt));
+        task(0, &mut yt);
     }
     let mut y = vec![0f32; m * n];
     for j in 0..n {
