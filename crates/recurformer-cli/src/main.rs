@@ -112,17 +112,22 @@ pub(crate) fn parse_weights(s: &str) -> Result<recurformer::model::quant::Weight
 }
 
 impl WeightArgs {
-    /// Quantises `model` as asked, saying what it did on stderr, and sets its KV-cache type.
+    /// Quantises `model` as asked, saying what it did on stderr, and sets its KV-cache type. The
+    /// commands that take these options only run inference, so the f32 copies of quantised
+    /// weights are freed layer by layer as they are quantised (`Model::quantize_for_inference`):
+    /// memory then never holds both copies of the whole model.
     pub(crate) fn apply(&self, model: &mut recurformer::model::llama::Model) -> Result<()> {
         self.kv.apply(model);
-        let s = model.quantize(self.weights)?;
+        let (s, freed) = model.quantize_for_inference(self.weights)?;
         if s.quantized > 0 || !s.kept_f32.is_empty() {
             eprintln!(
-                "weights: {} matrices in {} ({} of matmul weights read per token, {} in f32){}",
+                "weights: {} matrices in {} ({} of matmul weights read per token, {} in f32; \
+                 {} of f32 copies freed){}",
                 s.quantized,
                 self.weights,
                 human_bytes(s.bytes_after as f64),
                 human_bytes(s.bytes_f32 as f64),
+                human_bytes(freed as f64),
                 if s.kept_f32.is_empty() {
                     String::new()
                 } else {

@@ -1,12 +1,22 @@
 //! Median time of one batched decode step (`Model::forward_step_batch`) of n sequences of the
 //! default model, each with a cache of `ctx` tokens: `cargo run --release --example
-//! batch_step_timing -- [ctx] [steps]`. Prints ms per step and tokens/s for n = 1, 2, 4, 8.
+//! batch_step_timing -- [ctx] [steps] [weights] [model]` (weights f32 by default, or q8_0, ...).
+//! Prints ms per step and tokens/s for n = 1, 2, 4, 8.
 use candle_core::Tensor;
 use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     let ctx: usize = std::env::args().nth(1).unwrap_or("256".into()).parse()?;
     let steps: usize = std::env::args().nth(2).unwrap_or("16".into()).parse()?;
-    let m = recurformer::checkpoint::loader::load(&recurformer::default_model_path())?.model;
+    let weights = recurformer::model::quant::WeightFormat::parse(
+        &std::env::args().nth(3).unwrap_or("f32".into()),
+    )?;
+    let path = std::env::args()
+        .nth(4)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(recurformer::default_model_path);
+    let mut m = recurformer::checkpoint::loader::load(&path)?.model;
+    m.quantize_for_inference(weights)?;
+    println!("{} in {weights}, ctx {ctx}", path.display());
     let ids: Vec<u32> = (0..ctx as u32).map(|i| 100 + i % 1000).collect();
     let mut base = m.new_cache(1, ctx + 64);
     m.forward_last(

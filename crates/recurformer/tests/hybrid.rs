@@ -129,6 +129,75 @@ fn tiny_hybrids_round_trip_and_decode_like_the_full_forward() -> Result<()> {
 }
 
 #[test]
+fn quantised_tiny_hybrids_decode_like_their_full_forward() -> Result<()> {
+    // Under q8_0 the mixers' five projections become one quantised matrix that prefill and decode
+    // both read (and decode steps run the mixer kernel and the q8_0 decode kernel), so cached
+    // decode still equals the full forward up to the order of f32 sums: the f32 bound above.
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let ids_v: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let report = report_for(&base, &ids_v, 2)?;
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let mut h = hybrid(&base, &plan, Some(&report), Init::Random)?;
+        let f32_logits = logits(&h, &ids)?;
+        let s = h.quantize(recurformer::model::quant::WeightFormat::Q8_0)?;
+        let mixers = h.layers.iter().filter(|l| l.mixer.is_some()).count();
+        assert!(mixers == 2, "{name}: {mixers} mixers");
+        assert!(
+            h.layers
+                .iter()
+                .filter_map(|l| l.mixer.as_ref())
+                .all(|m| m.step_proj.is_some()),
+            "{name}: a mixer's projections were left in f32: {:?}",
+            s.kept_f32
+        );
+        // A prefill of 2, a piece of 3, then single-token steps (the step kernel).
+        assert!(ids.dim(1)? >= 8, "{name}: {} tokens", ids.dim(1)?);
+        let d = cached_vs_full(&h, &ids, 2)?;
+        println!("{name} q8_0: cached vs full {d:.2e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+        // It is still the same function up to q8_0 rounding: a few 0.5 % errors of the
+        // matmuls compounded over two layers, well under 5 % of the largest logit.
+        let q = max_abs_diff(&f32_logits, &logits(&h, &ids)?)?;
+        let scale = f32_logits.abs()?.max_all()?.to_scalar::<f32>()?;
+        println!("{name} q8_0 vs f32 logits: {q:.3e} (largest {scale:.2})");
+        assert!(
+            q > 0.0 && q < 0.05 * scale,
+            "{name}: q8_0 vs f32 logits {q} of {scale}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_long_prompt_prefilled_in_pieces_gives_the_full_forward_logits() -> Result<()> {
+    use recurformer::model::llama::PREFILL_PIECE;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        let ids_v: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let h = hybrid(&base, &plan, None, Init::Random)?;
+        // Two whole pieces and a part of one.
+        let t = 2 * PREFILL_PIECE + 37;
+        let long: Vec<u32> = (0..t).map(|i| ids_v[i % ids_v.len()]).collect();
+        let long = Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        for (what, m) in [("base", &base), ("hybrid", &h)] {
+            let full = logits(m, &long)?.narrow(1, t - 1, 1)?.squeeze(1)?; // (1, v)
+            let mut cache = m.new_cache(1, 16);
+            let last = m.forward_last(&long, &mut cache)?;
+            assert_eq!(cache.seq_len, t);
+            let d = max_abs_diff(&full, &last)?;
+            println!("{name} {what}: pieces vs one prefill {d:.2e}");
+            // The cached-vs-full bound of the tests above.
+            assert!(d <= 1e-4, "{name} {what}: {d}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn attention_init_needs_the_recency_report() -> Result<()> {
     let base = recurformer::checkpoint::loader::load(&fixture("tiny-llama"))?.model;
     let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![]])?;

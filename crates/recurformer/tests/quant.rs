@@ -172,3 +172,160 @@ fn batched_decode_of_a_quantised_model_matches_each_sequence_alone() -> Result<(
     }
     Ok(())
 }
+
+#[test]
+fn q8_0_decode_kernel_matches_candle_on_every_instruction_set() -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use recurformer::model::kernels::{q8_gemv, simd::Isa};
+    let dev = Device::Cpu;
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let e = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        let n = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        Ok((e / n) as f64)
+    };
+    // Shapes of the default model (576 -> 1536 runs on two threads, 1536 -> 576 too) and odd ones.
+    for (n, k) in [(5usize, 64usize), (96, 576), (1536, 576), (576, 1536)] {
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let q = QMatMul::from_arc(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?))?;
+        for m in 1..=q8_gemv::MAX_ROWS {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let candle = candle_core::Module::forward(&q, &x)?;
+            let f32_ = x.matmul(&w.t()?)?;
+            // The arithmetic exactly: x rounded per block of 32 as GGML's Q8_0 (d = max|x| / 127
+            // kept as f16, values round(x / d)), times the dequantised weights, in f32.
+            let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let xd: Vec<f32> = xv
+                .chunks(32)
+                .flat_map(|b| {
+                    let d = b.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let d16 = half::f16::from_f32(d).to_f32();
+                    b.iter()
+                        .map(move |v| (v * id).round() * d16)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let wd = match &q {
+                QMatMul::QTensor(t) => t.dequantize(&dev)?,
+                _ => unreachable!(),
+            };
+            let exact = Tensor::from_vec(xd, (m, k), &dev)?.matmul(&wd.t()?)?;
+            for isa in Isa::available() {
+                let got = q8_gemv::q8_0_matmul_on(isa, &q, &x)?.expect("q8_0, f32, <= 8 rows");
+                assert_eq!(got.dims(), &[m, n]);
+                // Only the order of the f32 sums differs (a few ulps of each output).
+                let e = rel(&got, &exact)?;
+                assert!(e < 1e-5, "({n}, {k}) m {m} {isa:?}: {e} from the exact sum");
+                // candle's generic kernel does the same arithmetic; for inputs that are a
+                // multiple of 256 its x86 fast path rounds x per 256 (Q8_K) instead, so there only
+                // the q8_0 bound applies.
+                let e = rel(&got, &candle)?;
+                let bound = if k % 256 == 0 { 0.02 } else { 1e-5 };
+                assert!(e < bound, "({n}, {k}) m {m} {isa:?}: {e} from candle");
+                // The q8_0 bound against f32 (each_format_stays_within_its_error_bound), where
+                // there are enough outputs for the relative error to be its expected value
+                // (the (5, 64) case has 5 to 40 outputs of 64-term sums).
+                let e = rel(&got, &f32_)?;
+                assert!(e > 0.0, "({n}, {k}) m {m} {isa:?}: no rounding at all?");
+                if n >= 96 && k >= 512 {
+                    assert!(e < 0.02, "({n}, {k}) m {m} {isa:?}: {e} from f32");
+                }
+            }
+        }
+        // More rows than the kernel takes: candle's matmul (prefill).
+        let x = Tensor::randn(0f32, 1.0, (q8_gemv::MAX_ROWS + 1, k), &dev)?;
+        assert!(q8_gemv::q8_0_matmul_on(Isa::detect(), &q, &x)?.is_none());
+        let y = q8_gemv::qmatmul(&q, &x)?;
+        assert_eq!(y.dims(), &[q8_gemv::MAX_ROWS + 1, n]);
+        // An input of the wrong width is refused with both shapes named.
+        let bad = Tensor::randn(0f32, 1.0, (1, k + 32), &dev)?;
+        let e = q8_gemv::q8_0_matmul_on(Isa::detect(), &q, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{}", k + 32)) && e.contains(&format!("({n}, {k})")),
+            "{e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn freeing_the_f32_copies_keeps_the_function_and_refuses_saving() -> Result<()> {
+    use recurformer::convert::init::{convert, ConvertOptions};
+    use recurformer::model::hybrid::{Init, Provenance};
+    use recurformer::model::plan::Plan;
+    let tmp = tempfile::tempdir()?;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let base = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (ids, _) = tiny_expected(name)?;
+        // The base model and a hybrid with one all-Mamba layer (the mixers' copies go too).
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let hybrid = convert(
+            &base,
+            &ConvertOptions {
+                plan: &plan,
+                recency: None,
+                init: Init::Random,
+                seed: 3,
+                provenance: Provenance {
+                    base_model: "test".into(),
+                    recurformer_version: "test".into(),
+                    recency: None,
+                    plan_file: None,
+                    seed: 0,
+                    training: vec![],
+                },
+                local: None,
+            },
+        )?;
+        for (what, mut m) in [("base", base), ("hybrid", hybrid)] {
+            let mut at_once = m.clone(); // shares the f32 storage until it is replaced
+            m.quantize(WeightFormat::Q8_0)?;
+            let params = m.num_parameters();
+            let before = m.forward(&ids, &mut m.new_cache(1, 4))?;
+            let freed = m.drop_f32_copies()?;
+            assert!(m.inference_only);
+            // Every layer's matrices and the mixers' projections, 4 bytes a weight.
+            let mut want = 0;
+            for l in &m.layers {
+                if let Some(a) = &l.self_attn {
+                    want += a.q_proj.weight.elem_count()
+                        + a.k_proj.weight.elem_count()
+                        + a.v_proj.weight.elem_count();
+                }
+                if let Some(mx) = &l.mixer {
+                    want += mx.step_proj_weights();
+                }
+                want += l.o_proj.weight.elem_count()
+                    + l.mlp.gate_proj.weight.elem_count()
+                    + l.mlp.up_proj.weight.elem_count()
+                    + l.mlp.down_proj.weight.elem_count();
+            }
+            if !m.cfg.tie_word_embeddings {
+                want += m.lm_head.elem_count();
+            }
+            assert_eq!(freed, 4 * want, "{name} {what}");
+            // Shapes and counts as before, the same logits bit for bit (forwards never read the
+            // f32 copies of quantised weights).
+            assert_eq!(m.num_parameters(), params, "{name} {what}");
+            let after = m.forward(&ids, &mut m.new_cache(1, 4))?;
+            assert_eq!(max_abs_diff(&before, &after)?, 0.0, "{name} {what}");
+            let (full, cached) = full_and_cached(&m, &ids, 2)?;
+            assert!(max_abs_diff(&full, &cached)? <= 1e-4, "{name} {what}");
+            // Saving would write placeholders: refused, saying why.
+            let dir = tmp.path().join(format!("{name}-{what}"));
+            let e = recurformer::checkpoint::save::save_checkpoint(&m, None, &dir).unwrap_err();
+            let e = format!("{e:#}");
+            assert!(e.contains("freed for inference"), "{e}");
+            assert!(!dir.exists());
+            // Quantising and freeing layer by layer gives the same model.
+            let (s, freed_too) = at_once.quantize_for_inference(WeightFormat::Q8_0)?;
+            assert!(s.quantized > 0 && at_once.inference_only);
+            assert_eq!(freed_too, freed, "{name} {what}");
+            let again = at_once.forward(&ids, &mut at_once.new_cache(1, 4))?;
+            assert_eq!(max_abs_diff(&after, &again)?, 0.0, "{name} {what}");
+        }
+    }
+    Ok(())
+}

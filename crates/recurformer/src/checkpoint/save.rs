@@ -108,6 +108,13 @@ pub fn config_json(
 /// Writes the files of a checkpoint (config.json, model.safetensors, the tokenizer) into the
 /// existing directory `dir`.
 pub fn write_checkpoint_files(m: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+    if m.inference_only {
+        anyhow::bail!(
+            "cannot save {}: this model's f32 weights were freed for inference \
+             (Model::drop_f32_copies); save from a model loaded without --weights",
+            dir.display()
+        );
+    }
     let cfg = config_json(&m.cfg, m.recurformer.as_ref())?;
     io::write_file(
         &dir.join("config.json"),

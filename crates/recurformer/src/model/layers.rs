@@ -7,7 +7,7 @@ use crate::formats::weights::Weights;
 use crate::model::options::ForwardOptions;
 use anyhow::Result;
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -58,7 +58,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
         let y = match &self.quant {
-            Some(q) => q.forward(&x2.contiguous()?)?,
+            Some(q) => crate::model::kernels::q8_gemv::qmatmul(q, &x2)?,
             None => x2.matmul(&self.weight.t()?)?,
         }; // (rows, out)
         let y = match &self.bias {

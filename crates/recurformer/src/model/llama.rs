@@ -313,6 +313,11 @@ impl DecoderLayer {
         v
     }
 
+    /// True when the o_proj the forward runs is quantised.
+    pub(crate) fn o_proj_run_quantised(&self) -> bool {
+        self.o_proj_run.quant.is_some()
+    }
+
     /// True when a forward of this layer runs on a quantised weight.
     pub(crate) fn is_quantized(&self) -> bool {
         let q = |l: &Linear| l.quant.is_some();
@@ -327,6 +332,7 @@ impl DecoderLayer {
             || q(&self.mlp.gate_proj)
             || q(&self.mlp.up_proj)
             || q(&self.mlp.down_proj)
+            || self.mixer.as_ref().is_some_and(|m| m.step_proj.is_some())
     }
 }
 
@@ -352,6 +358,10 @@ fn reorder_o_proj(o: &Linear, split: &HeadSplit, hd: usize) -> Result<Linear> {
 
 /// Mixer hyper-parameters shared by every layer of a hybrid (the `recurformer.mixer` section of
 
+/// Tokens per piece of a long prefill in [`Model::forward_last`]. llama.cpp's default
+/// micro-batch is 512; at 1024 a piece's matmuls still run at full speed here.
+pub const PREFILL_PIECE: usize = 1024;
+
 #[derive(Debug, Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
@@ -367,6 +377,9 @@ pub struct Model {
     pub device: Device,
     /// Element type of the KV caches `new_cache` makes (`--kv`); f32 unless set.
     pub kv_dtype: KvDtype,
+    /// True once [`Model::drop_f32_copies`] freed the f32 weights that have quantised copies:
+    /// the model can run inference but not be saved or trained.
+    pub inference_only: bool,
 }
 
 impl Model {
@@ -419,6 +432,7 @@ impl Model {
             rope: Rope::new(cfg),
             device,
             kv_dtype: KvDtype::F32,
+            inference_only: false,
         })
     }
 
@@ -581,8 +595,20 @@ impl Model {
     }
 
     /// Logits at the last position only: (b, v). What generation needs.
+    ///
+    /// A prompt longer than [`PREFILL_PIECE`] tokens is prefilled in pieces of that many, the
+    /// cache carrying keys, values and recurrent state from one to the next (cached decode =
+    /// full forward): peak memory then holds the activations of one piece, not of the whole
+    /// prompt (BENCHMARKS.md, "Peak memory at 8K").
     pub fn forward_last(&self, ids: &Tensor, cache: &mut HybridCache) -> Result<Tensor> {
-        let h = self.forward_hidden(ids, cache, &ForwardOptions::default(), None)?;
+        let (_, t) = ids.dims2()?;
+        let opts = ForwardOptions::default();
+        let mut start = 0;
+        while t - start > PREFILL_PIECE {
+            self.forward_hidden(&ids.narrow(1, start, PREFILL_PIECE)?, cache, &opts, None)?;
+            start += PREFILL_PIECE;
+        }
+        let h = self.forward_hidden(&ids.narrow(1, start, t - start)?, cache, &opts, None)?;
         let t = h.dim(1)?;
         Ok(self.logits(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
     }
@@ -653,7 +679,7 @@ impl Model {
         let h = self.norm.forward(&x, &ForwardOptions::default())?; // (n, 1, d)
         let h = h.reshape((n, self.cfg.hidden_size))?; // (n, d)
         match &self.lm_head_q {
-            Some(q) => Ok(candle_core::Module::forward(q, &h)?), // (n, v)
+            Some(q) => crate::model::kernels::q8_gemv::qmatmul(q, &h), // (n, v)
             None => crate::model::layers::matmul_rows(&h, &self.lm_head), // (n, v)
         }
     }
@@ -663,7 +689,7 @@ impl Model {
         let (b, t, d) = h.dims3()?;
         let h2 = h.reshape((b * t, d))?;
         let y = match &self.lm_head_q {
-            Some(q) => candle_core::Module::forward(q, &h2.contiguous()?)?,
+            Some(q) => crate::model::kernels::q8_gemv::qmatmul(q, &h2)?,
             None => h2.matmul(&self.lm_head.t()?)?,
         };
         Ok(y.reshape((b, t, self.cfg.vocab_size))?)

@@ -39,12 +39,14 @@ use crate::formats::weights::Weights;
 use crate::model::cache::RecurrentState;
 use crate::model::options::ForwardOptions;
 use anyhow::{bail, ensure, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use scan::{per_head, proj, softplus, ssm_step};
 
 mod fused;
 pub mod scan;
+mod step;
 pub use scan::{scan_chunked, scan_reference, ScanInputs};
 #[cfg(test)]
 pub(crate) mod tests;
@@ -198,6 +200,10 @@ pub struct MambaMixer {
     pub z_bias: Tensor,
     /// `norm.weight`, (n*P).
     pub norm_weight: Tensor,
+    /// The decode step's projections [x_proj; B_proj; C_proj; dt_proj; z_proj] stacked into one
+    /// quantised matrix, (C_ch + n + n*P, d), for inference ([`MambaMixer::quantize`]); None in
+    /// f32 (always in training). Not a parameter: never saved, rebuilt from the f32 weights.
+    pub step_proj: Option<QMatMul>,
 }
 
 impl MambaMixer {
@@ -281,6 +287,7 @@ impl MambaMixer {
             z_proj: next(),
             z_bias: next(),
             norm_weight: next(),
+            step_proj: None,
         })
     }
 
@@ -473,7 +480,7 @@ impl MambaMixer {
         // Causal depthwise conv as K shifted multiply-adds over [previous K-1 inputs | new inputs]
         // (DESIGN.md pitfall: grouped conv1d runs one convolution per channel). Same function as
         // PyTorch's `conv1d(padding=K-1)[..., :t]` in `mamba2.py`, tap K-1 on the current token.
-        let xbc = self.xbc_proj(u)?; // (bsz, t, C_ch)
+        let (xbc, dt, z) = self.seq_projections(u)?; // (bsz, t, C_ch), (bsz, t, n), (bsz, t, n*P)
         let prev = match state {
             Some(st) => st.conv.to_dtype(dtype)?.transpose(1, 2)?, // (bsz, K-1, C_ch)
             None => Tensor::zeros((bsz, k - 1, ch), dtype, u.device())?,
@@ -490,7 +497,6 @@ impl MambaMixer {
         let xbc = acc.broadcast_add(&self.conv_bias)?.silu()?; // (bsz, t, C_ch)
         let (x, b, cm) = self.split_xbc(&xbc)?; // (bsz, t, n, P), (bsz, t, n, N) x2
 
-        let dt = self.dt(u)?; // (bsz, t, n)
         let a = self.a()?; // (n)
         let h0 = state.map(|s| s.ssm.to_dtype(dtype)).transpose()?;
         let inp = ScanInputs {
@@ -508,7 +514,7 @@ impl MambaMixer {
             Scan::Fused if inp.h0.is_none() && u.device().is_cpu() => fused::scan_fused(&inp)?,
             Scan::Fused => scan_chunked(&inp, DEFAULT_CHUNK)?,
         }; // (bsz, t, n, P), (bsz, n, P, N)
-        let out = self.gate_norm(&y, &self.z(u)?, opts)?; // (bsz, t, n*P)
+        let out = self.gate_norm(&y, &z, opts)?; // (bsz, t, n*P)
         let new_state = RecurrentState {
             conv: new_conv.to_dtype(DType::F32)?,
             ssm: h.to_dtype(DType::F32)?,
@@ -518,7 +524,194 @@ impl MambaMixer {
 
     /// One decode step: u (bsz, 1, d) or (bsz, d) -> out (bsz, 1, n*P) or (bsz, n*P); the state
     /// advances in place (its tensors are replaced).
+    ///
+    /// On the CPU in f32, outside training, this is one hand-written kernel (`step.rs`) after the
+    /// projections (one quantised matmul when [`MambaMixer::quantize`] ran); otherwise, or with
+    /// `RECURFORMER_GRAPH_KERNELS=1`, the candle ops of [`MambaMixer::step_reference`].
     pub fn step(&self, u: &Tensor, state: &mut RecurrentState) -> Result<Tensor> {
+        let fast = u.device().is_cpu()
+            && u.dtype() == DType::F32
+            && !crate::model::kernels::graph_kernels()
+            && !u.track_op()
+            && self
+                .params()
+                .iter()
+                .all(|t| t.dtype() == DType::F32 && !t.track_op());
+        if fast {
+            self.step_kernel(crate::model::kernels::simd::Isa::detect(), u, state)
+        } else {
+            self.step_reference(u, state)
+        }
+    }
+
+    /// Stacks the decode step's five projections into one matrix quantised to `dtype` (inference
+    /// only: the f32 weights stay for saving and training). False, and nothing changes, when the
+    /// hidden size is not a multiple of the type's block.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<bool> {
+        if self.cfg.d_model % dtype.block_size() != 0 {
+            return Ok(false);
+        }
+        let w = Tensor::cat(
+            &[
+                &self.x_proj,
+                &self.b_proj,
+                &self.c_proj,
+                &self.dt_proj,
+                &self.z_proj,
+            ],
+            0,
+        )?; // (C_ch + n + n*P, d)
+        let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
+        self.step_proj = Some(QMatMul::from_arc(std::sync::Arc::new(q))?);
+        Ok(true)
+    }
+
+    /// Weights the decode step's projections read: (count, rows of the stacked matrix).
+    pub fn step_proj_weights(&self) -> usize {
+        let c = &self.cfg;
+        (c.conv_channels() + c.n_heads() + c.n_heads() * c.head_dim) * c.d_model
+    }
+
+    /// The conv input [x | B | C], Δ and the gate pre-activation z of a sequence:
+    /// u (bsz, t, d) -> (bsz, t, C_ch), (bsz, t, n), (bsz, t, n*P). From the stacked quantised
+    /// matrix when [`MambaMixer::quantize`] ran, so that prefill and decode read the same
+    /// weights (cached decode = full forward); from the f32 weights otherwise.
+    fn seq_projections(&self, u: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let Some(q) = &self.step_proj else {
+            return Ok((self.xbc_proj(u)?, self.dt(u)?, self.z(u)?));
+        };
+        let (bsz, t, d) = u.dims3()?;
+        let c = &self.cfg;
+        let (ch, n) = (c.conv_channels(), c.n_heads());
+        let all = crate::model::kernels::q8_gemv::qmatmul(q, &u.reshape((bsz * t, d))?)?
+            .reshape((bsz, t, ch + n + n * c.head_dim))?; // (bsz, t, C_ch + n + n*P)
+        let xbc = all.narrow(2, 0, ch)?;
+        let dt = softplus(&all.narrow(2, ch, n)?.broadcast_add(&self.dt_bias)?)?;
+        let z = all
+            .narrow(2, ch + n, n * c.head_dim)?
+            .broadcast_add(&self.z_bias)?;
+        Ok((xbc, dt, z))
+    }
+
+    /// The projections of a decode step, [x | B | C | Δ pre-activation | z pre-activation]:
+    /// u (bsz, d) -> (bsz, C_ch + n + n*P).
+    fn step_projections(&self, u: &Tensor) -> Result<Tensor> {
+        Ok(match &self.step_proj {
+            Some(q) => crate::model::kernels::q8_gemv::qmatmul(q, u)?,
+            None => Tensor::cat(
+                &[
+                    proj(u, &self.x_proj)?,
+                    proj(u, &self.b_proj)?,
+                    proj(u, &self.c_proj)?,
+                    proj(u, &self.dt_proj)?,
+                    proj(u, &self.z_proj)?,
+                ],
+                1,
+            )?,
+        })
+    }
+
+    /// [`MambaMixer::step`] as one CPU kernel (`step.rs`) on the instruction set `isa`: f32
+    /// tensors on the CPU only.
+    pub(crate) fn step_kernel(
+        &self,
+        isa: crate::model::kernels::simd::Isa,
+        u: &Tensor,
+        state: &mut RecurrentState,
+    ) -> Result<Tensor> {
+        let three = u.rank() == 3;
+        let u2 = if three {
+            let (_, t, _) = u.dims3()?;
+            ensure!(t == 1, "step takes one token, got {t}");
+            u.squeeze(1)?
+        } else {
+            u.clone()
+        };
+        let (bsz, d) = u2.dims2()?;
+        let c = self.cfg;
+        ensure!(
+            d == c.d_model,
+            "mixer input has hidden size {d}, expected {}",
+            c.d_model
+        );
+        self.check_state(state, bsz)?;
+        let dims = step::StepDims {
+            bsz,
+            n_groups: c.n_groups,
+            group_size: c.group_size,
+            head_dim: c.head_dim,
+            state_size: c.state_size,
+            conv_kernel: c.conv_kernel,
+        };
+        let proj = self.step_projections(&u2)?.contiguous()?; // (bsz, C_ch + n + n*P)
+        let conv = state.conv.to_dtype(DType::F32)?.contiguous()?; // (bsz, C_ch, K-1)
+                                                                   // The new SSM state starts as a copy of the old one and advances in place: the old
+                                                                   // tensor may be shared with a forked cache.
+        let mut ssm = state
+            .ssm
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut new_conv = vec![0f32; conv.elem_count()];
+        let mut out = vec![0f32; bsz * c.n_heads() * c.head_dim];
+        {
+            let tensors = [
+                ("conv.weight", &self.conv_weight),
+                ("conv.bias", &self.conv_bias),
+                ("dt_bias", &self.dt_bias),
+                ("A_log", &self.a_log),
+                ("D", &self.d),
+                ("z_bias", &self.z_bias),
+                ("norm.weight", &self.norm_weight),
+                ("projections", &proj),
+                ("conv state", &conv),
+            ];
+            let guards: Vec<_> = tensors
+                .iter()
+                .map(|(name, t)| (*name, t.storage_and_layout()))
+                .collect();
+            let slices =
+                guards
+                    .iter()
+                    .map(|(name, (s, l))| match &**s {
+                        candle_core::Storage::Cpu(cs) => Ok(
+                            crate::model::kernels::cpu_slice::<f32>(cs, l, "mixer step", name)?,
+                        ),
+                        _ => bail!("mixer step: {name} is not on the CPU"),
+                    })
+                    .collect::<Result<Vec<&[f32]>>>()?;
+            let params = step::StepParams {
+                conv_weight: slices[0],
+                conv_bias: slices[1],
+                dt_bias: slices[2],
+                a_log: slices[3],
+                d: slices[4],
+                z_bias: slices[5],
+                norm_weight: slices[6],
+            };
+            let bufs = step::StepBuffers {
+                proj: slices[7],
+                conv: slices[8],
+                ssm: &mut ssm,
+                new_conv: &mut new_conv,
+                out: &mut out,
+            };
+            if let Some(msg) = step::check_lengths(&dims, &params, &bufs) {
+                bail!(msg);
+            }
+            step::mixer_step_on(isa, &dims, &params, bufs, NORM_EPS as f32);
+        }
+        let dev = u.device();
+        state.conv = Tensor::from_vec(new_conv, conv.shape(), dev)?;
+        state.ssm = Tensor::from_vec(ssm, state.ssm.shape(), dev)?;
+        let out = Tensor::from_vec(out, (bsz, c.n_heads() * c.head_dim), dev)?; // (bsz, n*P)
+        Ok(if three { out.unsqueeze(1)? } else { out })
+    }
+
+    /// One decode step as candle ops (the reference of the kernel [`MambaMixer::step`] runs):
+    /// u (bsz, 1, d) or (bsz, d) -> out (bsz, 1, n*P) or (bsz, n*P); the state's tensors are
+    /// replaced. Records a backward pass.
+    pub fn step_reference(&self, u: &Tensor, state: &mut RecurrentState) -> Result<Tensor> {
         let three = u.rank() == 3;
         let u2 = if three {
             let (_, t, _) = u.dims3()?;
@@ -535,7 +728,9 @@ impl MambaMixer {
         );
         self.check_state(state, bsz)?;
         let dtype = u2.dtype();
-        let xbc = self.xbc_proj(&u2)?; // (bsz, C_ch)
+        // The same projections as a sequence's (quantised when `quantize` ran).
+        let (xbc, dt, z) = self.seq_projections(&u2.unsqueeze(1)?)?; // (bsz, 1, C_ch), (bsz, 1, n), (bsz, 1, n*P)
+        let (xbc, dt, z) = (xbc.squeeze(1)?, dt.squeeze(1)?, z.squeeze(1)?);
         let conv_in = Tensor::cat(&[&state.conv.to_dtype(dtype)?, &xbc.unsqueeze(2)?], 2)?; // (bsz, C_ch, K)
         let k = self.cfg.conv_kernel;
         let xbc = conv_in
@@ -544,7 +739,6 @@ impl MambaMixer {
             .broadcast_add(&self.conv_bias)?
             .silu()?; // (bsz, C_ch)
         let (x, b, cm) = self.split_xbc(&xbc)?; // (bsz, n, P), (bsz, n, N) x2
-        let dt = self.dt(&u2)?; // (bsz, n)
         let (y, h) = ssm_step(
             &state.ssm.to_dtype(dtype)?,
             &x,
@@ -555,7 +749,7 @@ impl MambaMixer {
             &self.d,
         )?; // (bsz, n, P), (bsz, n, P, N)
         let opts = ForwardOptions::default();
-        let out = self.gate_norm(&y, &self.z(&u2)?, &opts)?; // (bsz, n*P)
+        let out = self.gate_norm(&y, &z, &opts)?; // (bsz, n*P)
         state.conv = conv_in
             .narrow(2, 1, k - 1)?
             .contiguous()?

@@ -70,7 +70,12 @@ fn tiny_cfg() -> MambaConfig {
 
 /// A random mixer whose parameters are all generic (D, z_bias, norm weight not constant).
 fn tiny_mixer(seed: u64) -> Result<MambaMixer> {
-    let cfg = tiny_cfg();
+    generic_mixer(&tiny_cfg(), seed)
+}
+
+/// [`tiny_mixer`] of any size.
+fn generic_mixer(cfg: &MambaConfig, seed: u64) -> Result<MambaMixer> {
+    let cfg = *cfg;
     let m = MambaMixer::init_random(&cfg, seed, &Device::Cpu)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
     let n = cfg.n_heads();
@@ -549,5 +554,136 @@ fn timing() -> Result<()> {
         }
         println!("step: {:.3} ms", t0.elapsed().as_secs_f64() * 10.0);
     }
+    Ok(())
+}
+
+/// The default model's mixer sizes (2 of 3 KV groups replaced, 3 query heads a group, P = N = 64,
+/// d = 576), and one whose state size is not a multiple of the kernel's 16 lanes.
+fn step_test_cfgs() -> Vec<MambaConfig> {
+    let real = MambaConfig {
+        n_groups: 2,
+        group_size: 3,
+        head_dim: 64,
+        state_size: 64,
+        conv_kernel: 4,
+        d_model: 576,
+    };
+    vec![
+        tiny_cfg(),
+        real,
+        MambaConfig {
+            n_groups: 1,
+            state_size: 20,
+            head_dim: 8,
+            d_model: 64,
+            ..real
+        },
+    ]
+}
+
+#[test]
+fn step_kernel_matches_the_candle_step_on_every_instruction_set() -> Result<()> {
+    use crate::model::kernels::simd::Isa;
+    for (ci, cfg) in step_test_cfgs().iter().enumerate() {
+        let mixer = generic_mixer(cfg, 40 + ci as u64)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(50 + ci as u64);
+        let (bsz, pre, t) = (2, 5, 11);
+        let u = uni(&[bsz, t, cfg.d_model], -1.0, 1.0, &mut rng)?;
+        // A state that is not zero: a prefill of `pre` tokens.
+        let (_, s0) = mixer.forward_seq(&u.narrow(1, 0, pre)?, None, &ForwardOptions::default())?;
+        let s0_ssm = s0.ssm.flatten_all()?.to_vec1::<f32>()?;
+        for isa in Isa::available() {
+            let (mut sr, mut sk) = (s0.clone(), s0.clone());
+            let mut worst = 0f64;
+            for i in pre..t {
+                let ui = u.narrow(1, i, 1)?; // (bsz, 1, d)
+                let yr = mixer.step_reference(&ui, &mut sr)?;
+                // Both input ranks.
+                let yk = if i % 2 == 0 {
+                    mixer.step_kernel(isa, &ui, &mut sk)?
+                } else {
+                    mixer
+                        .step_kernel(isa, &ui.squeeze(1)?, &mut sk)?
+                        .unsqueeze(1)?
+                };
+                assert_eq!(yr.dims(), yk.dims());
+                // Outputs are rmsnorm'd (O(1) times the norm weight); each is a ratio of 64-term
+                // f32 sums formed in another order than candle's (at most ~64 ulp, 4e-6
+                // relative), so 1e-5 relative to the largest value.
+                for (what, a, b) in [
+                    ("y", &yr, &yk),
+                    ("conv", &sr.conv, &sk.conv),
+                    ("ssm", &sr.ssm, &sk.ssm),
+                ] {
+                    let (e, _) = max_abs(a, b)?;
+                    let scale = max_abs_val(a)?.max(1.0);
+                    worst = worst.max(e / scale);
+                    assert!(
+                        e <= 1e-5 * scale,
+                        "{cfg:?} {isa:?} token {i}: {what} differs by {e:.2e} (scale {scale:.2})"
+                    );
+                }
+            }
+            println!("{cfg:?} {isa:?}: worst relative difference {worst:.2e}");
+        }
+        // The kernel wrote new tensors: the state it started from (which a forked cache may
+        // share) is untouched.
+        assert_eq!(s0.ssm.flatten_all()?.to_vec1::<f32>()?, s0_ssm);
+        // `step` runs the kernel here (f32 on the CPU).
+        let mut sa = s0.clone();
+        let mut sb = s0.clone();
+        let ui = u.narrow(1, pre, 1)?;
+        let ya = mixer.step(&ui, &mut sa)?;
+        let yb = mixer.step_kernel(Isa::detect(), &ui, &mut sb)?;
+        assert_eq!(max_abs(&ya, &yb)?.0, 0.0);
+    }
+    Ok(())
+}
+
+#[test]
+fn quantised_step_projections_stay_within_q8_0_error_and_decode_like_prefill() -> Result<()> {
+    let cfg = step_test_cfgs()[1];
+    let mixer = generic_mixer(&cfg, 60)?;
+    let mut q = mixer.clone();
+    assert!(q.quantize(candle_core::quantized::GgmlDType::Q8_0)?);
+    // The checkpoint's tensors are the f32 ones, untouched.
+    for ((na, a), (_, b)) in mixer.tensors("m").iter().zip(q.tensors("m")) {
+        assert_eq!(max_abs(a, &b)?.0, 0.0, "{na}");
+    }
+    // A hidden size that is not a multiple of the block leaves the mixer in f32.
+    let mut tiny = tiny_mixer(61)?;
+    assert!(!tiny.quantize(candle_core::quantized::GgmlDType::Q8_0)?);
+    assert!(tiny.step_proj.is_none());
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(62);
+    let (bsz, t) = (2, 9);
+    let u = uni(&[bsz, t, cfg.d_model], -1.0, 1.0, &mut rng)?;
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let e = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        let n = a.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        Ok((e / n) as f64)
+    };
+    // Each projection against f32: the q8_0 bound of tests/quant.rs (2 %, weights and activations
+    // rounded to 8 bits).
+    let (x32, dt32, z32) = mixer.seq_projections(&u)?;
+    let (xq, dtq, zq) = q.seq_projections(&u)?;
+    for (what, a, b) in [("xBC", &x32, &xq), ("dt", &dt32, &dtq), ("z", &z32, &zq)] {
+        let e = rel(a, b)?;
+        println!("q8_0 {what}: relative error {e:.4}");
+        assert!(e > 0.0 && e < 0.02, "{what}: {e}");
+    }
+    // Cached decode = full forward with the quantised projections: prefill and steps read the same
+    // quantised matrix, so only the scan's summation order differs (1e-5 as above).
+    let opts = ForwardOptions::default();
+    let (y_full, _) = q.forward_seq(&u, None, &opts)?;
+    let (y_pre, mut st) = q.forward_seq(&u.narrow(1, 0, 4)?, None, &opts)?;
+    let mut ys = vec![y_pre];
+    for i in 4..t {
+        ys.push(q.step(&u.narrow(1, i, 1)?, &mut st)?);
+    }
+    let (e, _) = max_abs(&y_full, &Tensor::cat(&ys, 1)?)?;
+    let scale = max_abs_val(&y_full)?.max(1.0);
+    println!("quantised mixer: cached vs full {e:.2e} (scale {scale:.2})");
+    assert!(e <= 1e-5 * scale, "{e}");
     Ok(())
 }
