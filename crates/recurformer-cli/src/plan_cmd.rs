@@ -84,8 +84,8 @@ pub struct PlanArgs {
     /// first): early needles are the farthest back, the ones a restricted group loses first.
     #[arg(long, num_args = 2, value_names = ["LO", "HI"], default_values_t = [0.0, 1.0])]
     pub rank_depth: Vec<f64>,
-    /// Groups the harm ranking measures: the most recency-aware of those the protection rules
-    /// leave replaceable (the rest stay attention).
+    /// The harm ranking's pool: the N most recency-aware groups, of which it measures those the
+    /// protection rules leave replaceable (the rest stay attention).
     #[arg(long, default_value_t = 60)]
     pub rank_candidates: usize,
     /// Measure only the candidates that the harm ranking of this earlier plan.json (taken on the
@@ -96,8 +96,8 @@ pub struct PlanArgs {
     pub rank_extend: Option<PathBuf>,
     /// Refine the plan in its own context with up to N swaps (needs --check-model): with the
     /// planned groups restricted to --check-sinks + --check-window keys, each replaced group is
-    /// handed back alone and each kept candidate (the harm ranking's and the --rank-candidates
-    /// most recency-aware unprotected groups) restricted as well alone, on the harm ranking's kind
+    /// handed back alone and each kept candidate (the harm ranking's, and the unprotected ones of
+    /// the --rank-candidates most recency-aware groups) restricted as well alone, on the harm ranking's kind
     /// of prompts (--rank-prompts, --rank-context, --rank-depth); then the groups whose return
     /// gains most are swapped for the candidates whose loss costs least while the gain exceeds the
     /// cost. Sees what single-group harm misses: groups that cover for each other. Costs about as
@@ -484,7 +484,7 @@ fn rank_by_harm(
         true,
         [args.rank_depth[0], args.rank_depth[1]],
     )?;
-    // Protected groups are never replaced: measuring them would only shrink the choice.
+    // Protected groups are never replaced: measuring them would be wasted.
     let mut groups = unprotected_candidates(report, rules, args.rank_candidates)?;
     let mut ranking = recurformer::model::plan::HarmRanking {
         prompts: args.rank_prompts,
@@ -557,8 +557,10 @@ fn rank_by_harm(
     Ok(ranking)
 }
 
-/// The most recency-aware groups the protection `rules` leave replaceable, at most `n`, sorted by
-/// (layer, group).
+/// Of the `n` most recency-aware groups, those the protection `rules` leave replaceable, sorted by
+/// (layer, group). (The pool is the top `n` either way, so protection does not pull less local
+/// groups into it: groups harmless alone can be harmful together, BENCHMARKS.md, "A larger pool
+/// ranked alone makes it worse".)
 fn unprotected_candidates(
     report: &RecencyReport,
     rules: &[recurformer::model::plan::ProtectRule],
@@ -569,8 +571,8 @@ fn unprotected_candidates(
     ranked.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
     let mut groups: Vec<(usize, usize)> = ranked
         .iter()
-        .filter(|&&(l, g, _)| protected[l][g].is_empty())
         .take(n)
+        .filter(|&&(l, g, _)| protected[l][g].is_empty())
         .map(|&(l, g, _)| (l, g))
         .collect();
     groups.sort_unstable();
@@ -585,8 +587,8 @@ fn refine(
     rules: &[recurformer::model::plan::ProtectRule],
     plan: recurformer::model::plan::Plan,
 ) -> Result<recurformer::model::plan::Plan> {
-    // The harm ranking's candidates and the --rank-candidates most recency-aware unprotected
-    // groups (a ranking from before `unprotected_only` measured protected groups too).
+    // The harm ranking's candidates and the unprotected ones of the --rank-candidates most
+    // recency-aware groups (a ranking from before `unprotected_only` measured protected ones too).
     let protected = recurformer::convert::protect::protected_groups(report, rules)?;
     let mut candidates = unprotected_candidates(report, rules, args.rank_candidates)?;
     if let Some(h) = &plan.rule.harm {

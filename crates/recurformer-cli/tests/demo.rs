@@ -263,7 +263,7 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
             .arg(out.join("recency.json"))
             .args([
                 "--replace-fraction",
-                "0.02",
+                "0.01",
                 "--rank",
                 "harm",
                 "--check-model",
@@ -300,24 +300,36 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
             })
             .collect()
     };
-    let small = dir.path().join("harm2.json");
-    let o = harm_plan("2", "160", None, &small)?;
+    let small = dir.path().join("harm_small.json");
+    let o = harm_plan("3", "160", None, &small)?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let small_plan = json(&small)?;
     assert_eq!(small_plan["rule"]["harm"]["unprotected_only"], true);
     let first = entries(&small_plan);
-    assert_eq!(first.len(), 2, "{first:?}");
-    let larger = dir.path().join("harm4.json");
-    let o = harm_plan("4", "160", Some(&small), &larger)?;
+    let larger = dir.path().join("harm_large.json");
+    let o = harm_plan("8", "160", Some(&small), &larger)?;
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("2 of the 4 candidates reused"), "{err}");
+    let second = entries(&json(&larger)?);
     assert!(
-        err.contains("rank: 2 groups, each restricted alone"),
+        !first.is_empty() && second.len() > first.len(),
+        "the quick analysis should leave more unprotected groups among the top 8 than the top 3: {first:?} {second:?}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{} of the {} candidates reused",
+            first.len(),
+            second.len()
+        )),
         "{err}"
     );
-    let second = entries(&json(&larger)?);
-    assert_eq!(second.len(), 4, "{second:?}");
+    assert!(
+        err.contains(&format!(
+            "rank: {} groups, each restricted alone",
+            second.len() - first.len()
+        )),
+        "{err}"
+    );
     for e in &first {
         assert!(second.contains(e), "{e:?} not reused as it was: {second:?}");
     }
@@ -328,7 +340,7 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
         );
     }
     // Another prompt length is another measurement: refused, naming the field and both values.
-    let o = harm_plan("4", "128", Some(&small), &dir.path().join("refused.json"))?;
+    let o = harm_plan("8", "128", Some(&small), &dir.path().join("refused.json"))?;
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(

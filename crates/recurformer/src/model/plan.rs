@@ -176,8 +176,8 @@ pub struct GroupHarmEntry {
     pub harm: GroupHarm,
 }
 
-/// The harm ranking of a plan: the `candidates` most recency-aware groups (those the protection
-/// rules leave replaceable when `unprotected_only`) were each restricted alone to `sinks` +
+/// The harm ranking of a plan: the `candidates` most recency-aware groups (less those the
+/// protection rules keep, when `unprotected_only`) were each restricted alone to `sinks` +
 /// `window` recent keys on `prompts` passkey prompts of `prompt_len` tokens (chat-framed, 7-digit
 /// keys, the needle's depth drawn from `depth`, seed `seed`: not the check's prompts), and the
 /// budget was filled with the least harmful (by `answer`) of them.
@@ -192,8 +192,8 @@ pub struct HarmRanking {
     pub sinks: usize,
     pub window: usize,
     pub candidates: usize,
-    /// The candidates skip the groups the protection rules keep (they are never replaced, so
-    /// measuring them would leave fewer groups to choose among). Plans before this field: false.
+    /// The protected groups among the most recency-aware were not measured (they are never
+    /// replaced); `candidates` counts the measured ones. Plans before this field: false.
     #[serde(default)]
     pub unprotected_only: bool,
     pub groups: Vec<GroupHarmEntry>,
