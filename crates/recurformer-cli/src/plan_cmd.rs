@@ -476,14 +476,7 @@ fn rank_by_harm(
         args.rank_candidates,
         args.check_window
     );
-    let set = b.prompts(
-        args.rank_prompts,
-        args.rank_context,
-        7,
-        RANK_SEED,
-        true,
-        [args.rank_depth[0], args.rank_depth[1]],
-    )?;
+    let set = rank_prompt_set(args, b)?;
     // Protected groups are never replaced: measuring them would be wasted.
     let mut groups = unprotected_candidates(report, rules, args.rank_candidates)?;
     let mut ranking = recurformer::model::plan::HarmRanking {
@@ -579,6 +572,19 @@ fn unprotected_candidates(
     Ok(groups)
 }
 
+/// The harm ranking's (and the refinement's) prompts: chat-framed 7-digit pass keys of the
+/// --rank-* settings, seed RANK_SEED.
+fn rank_prompt_set(args: &PlanArgs, b: &Base) -> Result<recurformer::convert::probes::CopySet> {
+    b.prompts(
+        args.rank_prompts,
+        args.rank_context,
+        7,
+        RANK_SEED,
+        true,
+        [args.rank_depth[0], args.rank_depth[1]],
+    )
+}
+
 /// `--refine`: swaps measured in the plan's own context (`convert::ceiling::refine_in_context`).
 fn refine(
     args: &PlanArgs,
@@ -601,14 +607,7 @@ fn refine(
     }
     candidates.sort_unstable();
     candidates.dedup();
-    let set = b.prompts(
-        args.rank_prompts,
-        args.rank_context,
-        7,
-        RANK_SEED,
-        true,
-        [args.rank_depth[0], args.rank_depth[1]],
-    )?;
+    let set = rank_prompt_set(args, b)?;
     let settings = recurformer::model::plan::Refinement {
         prompts: args.rank_prompts,
         prompt_len: args.rank_context,
