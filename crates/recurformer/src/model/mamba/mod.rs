@@ -619,14 +619,7 @@ impl MambaMixer {
         u: &Tensor,
         state: &mut RecurrentState,
     ) -> Result<Tensor> {
-        let three = u.rank() == 3;
-        let u2 = if three {
-            let (_, t, _) = u.dims3()?;
-            ensure!(t == 1, "step takes one token, got {t}");
-            u.squeeze(1)?
-        } else {
-            u.clone()
-        };
+        let (u2, three) = one_token(u)?;
         let (bsz, d) = u2.dims2()?;
         let c = self.cfg;
         ensure!(
@@ -712,14 +705,7 @@ impl MambaMixer {
     /// u (bsz, 1, d) or (bsz, d) -> out (bsz, 1, n*P) or (bsz, n*P); the state's tensors are
     /// replaced. Records a backward pass.
     pub fn step_reference(&self, u: &Tensor, state: &mut RecurrentState) -> Result<Tensor> {
-        let three = u.rank() == 3;
-        let u2 = if three {
-            let (_, t, _) = u.dims3()?;
-            ensure!(t == 1, "step takes one token, got {t}");
-            u.squeeze(1)?
-        } else {
-            u.clone()
-        };
+        let (u2, three) = one_token(u)?;
         let (bsz, d) = u2.dims2()?;
         ensure!(
             d == self.cfg.d_model,
@@ -825,5 +811,16 @@ impl MambaMixer {
                 vec1(vec![1.0; n * p])?,
             ],
         )
+    }
+}
+
+/// A decode step's input u (bsz, 1, d) or (bsz, d) as (bsz, d), and whether it had the token axis.
+fn one_token(u: &Tensor) -> Result<(Tensor, bool)> {
+    if u.rank() == 3 {
+        let (_, t, _) = u.dims3()?;
+        ensure!(t == 1, "step takes one token, got {t}");
+        Ok((u.squeeze(1)?, true))
+    } else {
+        Ok((u.clone(), false))
     }
 }
