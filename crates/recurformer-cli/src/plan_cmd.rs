@@ -6,6 +6,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use recurformer::convert::passkey::PromptFamily;
 use recurformer::convert::recency::RecencyReport;
 use recurformer::formats::io::shown_path;
 use recurformer::model::plan::PlanShape;
@@ -21,12 +22,32 @@ pub enum Rank {
 /// Seed of the harm ranking's prompts: apart from the check's (`CeilingSettings::seed`).
 const RANK_SEED: u64 = 2001;
 
+/// The varied prompt family's second haystack by default, beside the calibration novels: the
+/// King James Bible (neither the evaluation's essays nor held-out Persuasion).
+const VARIED_SECOND_HAYSTACK: &str = "data/text/kjv/bible.txt";
+
+/// `--prompt-family` (`convert::passkey::PromptFamily`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FamilyArg {
+    Passkey,
+    Varied,
+}
+
+impl From<FamilyArg> for PromptFamily {
+    fn from(f: FamilyArg) -> Self {
+        match f {
+            FamilyArg::Passkey => PromptFamily::Passkey,
+            FamilyArg::Varied => PromptFamily::Varied,
+        }
+    }
+}
+
 /// Options of `recurformer plan`.
 #[derive(Args, Debug, Clone)]
 #[command(group(
     clap::ArgGroup::new("rule")
         .required(true)
-        .args(["threshold", "replace_fraction"])
+        .args(["threshold", "replace_fraction", "start_from"])
 ))]
 pub struct PlanArgs {
     /// recency.json written by `recurformer analyze`.
@@ -49,6 +70,11 @@ pub struct PlanArgs {
     /// with no attention at all.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub min_attention_groups_per_layer: usize,
+    /// Take the groups of this plan.json as they are instead of choosing them (exclusive with
+    /// --threshold and --replace-fraction): --refine and the check (--check-model) then run on it,
+    /// e.g. to measure a hand-made or earlier plan on other prompts.
+    #[arg(long, value_name = "PLAN_JSON", conflicts_with_all = ["rank_from", "rank_extend"])]
+    pub start_from: Option<PathBuf>,
     /// Where to write plan.json.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -144,9 +170,17 @@ pub struct PlanArgs {
     #[arg(long)]
     pub check_plain: bool,
     /// Haystack text of the check prompts (files or directories; default: the calibration text,
-    /// Austen without Persuasion).
+    /// Austen without Persuasion). With `--prompt-family varied` each PATH is a haystack of its
+    /// own (default: the calibration novels and the King James Bible).
     #[arg(long, value_name = "PATH")]
     pub check_data: Vec<PathBuf>,
+    /// The prompts of the harm ranking, the refinement and the check. `passkey`: one wording
+    /// ("The pass key is ..."), one haystack, keys of a fixed length. `varied`: four wordings
+    /// (pass key, safe code, reference number, telephone extension), keys of one digit fewer or
+    /// more, and the haystacks alternating, so that a plan chosen on them cannot fit one wording
+    /// or one kind of text (none is the evaluation's needle or essays). Recorded in plan.json.
+    #[arg(long, value_enum, default_value_t = FamilyArg::Passkey)]
+    pub prompt_family: FamilyArg,
     #[command(flatten)]
     pub threads: crate::ThreadArgs,
 }
@@ -155,11 +189,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
     use recurformer::convert::protect::{parse_rules, plan_protecting, Budget};
     let report = RecencyReport::load(&args.recency)?;
     let k = args.min_attention_groups_per_layer;
-    let budget = match (args.threshold, args.replace_fraction) {
-        (Some(tau), None) => Budget::Threshold(tau),
-        (None, Some(f)) => Budget::Fraction(f),
+    let budget = match (args.threshold, args.replace_fraction, &args.start_from) {
+        (Some(tau), None, None) => Some(Budget::Threshold(tau)),
+        (None, Some(f), None) => Some(Budget::Fraction(f)),
+        (None, None, Some(_)) => None,
         // clap's "rule" group makes exactly one of them present.
-        _ => anyhow::bail!("give exactly one of --threshold and --replace-fraction"),
+        _ => anyhow::bail!("give exactly one of --threshold, --replace-fraction and --start-from"),
     };
     let mut rules = parse_rules(&args.protect)?;
     if args.protect.trim() == "default" && report.probes.is_none() && !rules.is_empty() {
@@ -176,6 +211,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
     if !args.rank_from.is_empty() && args.rank != Rank::Harm {
         anyhow::bail!("--rank-from gives a harm ranking: use it with --rank harm");
     }
+    if args.start_from.is_some() && args.rank != Rank::Recency {
+        anyhow::bail!(
+            "--start-from takes its plan's groups as they are: --rank does not apply (--refine \
+             does)"
+        );
+    }
     let base = match (&args.check_model, args.rank, args.rank_from.is_empty()) {
         (Some(m), _, _) => Some(load_base(&args, m, &report)?),
         (None, Rank::Harm, true) => anyhow::bail!(
@@ -185,7 +226,19 @@ pub fn run(args: PlanArgs) -> Result<()> {
         (None, _, _) => None,
     };
     let mut plan = match (args.rank, budget) {
-        (Rank::Harm, Budget::Fraction(f)) => {
+        (_, None) => {
+            let path = args
+                .start_from
+                .as_ref()
+                .expect("no budget only with --start-from");
+            let text = recurformer::formats::io::read_text(
+                path,
+                recurformer::formats::io::JSON_FILE_LIMIT,
+            )?;
+            serde_json::from_str::<recurformer::model::plan::Plan>(&text)
+                .with_context(|| format!("{} is not a valid plan file", path.display()))?
+        }
+        (Rank::Harm, Some(Budget::Fraction(f))) => {
             let ranking = match (args.rank_from.is_empty(), &base) {
                 (false, _) => {
                     let parts = args
@@ -201,10 +254,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
             };
             recurformer::convert::protect::plan_by_harm(&report, f, k, &rules, ranking)?
         }
-        (Rank::Harm, Budget::Threshold(_)) => anyhow::bail!(
+        (Rank::Harm, Some(Budget::Threshold(_))) => anyhow::bail!(
             "--rank harm fills a --replace-fraction budget; --threshold is a recency rule"
         ),
-        (Rank::Recency, _) => plan_protecting(&report, budget, k, &rules)?,
+        (Rank::Recency, Some(budget)) => plan_protecting(&report, budget, k, &rules)?,
     };
     plan.rule.recency_file = Some(shown_path(&args.recency));
     let shape = PlanShape::from_report(&report);
@@ -212,7 +265,15 @@ pub fn run(args: PlanArgs) -> Result<()> {
         shape.num_layers,
         shape.num_attention_heads,
         shape.num_key_value_heads,
-    )?;
+    )
+    .with_context(|| match &args.start_from {
+        Some(p) => format!(
+            "{} does not fit the model of {}",
+            p.display(),
+            args.recency.display()
+        ),
+        None => "the plan does not fit the report's model".to_string(),
+    })?;
     if args.refine > 0 {
         let b = base.as_ref().context(
             "--refine measures the plan's groups in the base model: give it with --check-model",
@@ -341,11 +402,14 @@ pub fn run(args: PlanArgs) -> Result<()> {
     Ok(())
 }
 
-/// The base model of the check and the harm ranking, with the token stream of their haystack.
+/// The base model of the check and the harm ranking, with the token streams of their haystacks
+/// (one for the passkey family, all its files in one stream; one per haystack for the varied one).
 struct Base {
     loaded: recurformer::checkpoint::loader::LoadedModel,
-    stream: Vec<u32>,
-    files: Vec<PathBuf>,
+    streams: Vec<Vec<u32>>,
+    /// Names of the haystacks, in the order of `streams`.
+    names: Vec<String>,
+    family: PromptFamily,
 }
 
 impl Base {
@@ -363,19 +427,21 @@ impl Base {
         chat: bool,
         depth: [f64; 2],
     ) -> Result<recurformer::convert::probes::CopySet> {
-        recurformer::convert::passkey::passkey_cases(
+        let hay: Vec<&[u32]> = self.streams.iter().map(Vec::as_slice).collect();
+        recurformer::convert::passkey::family_cases(
             self.loaded.tokenizer()?,
-            &self.stream,
+            &hay,
             self.eos(),
             &recurformer::convert::passkey::PasskeyOptions {
                 prompts,
                 prompt_len,
                 key_digits,
                 seed,
-                haystack_files: self.files.iter().map(|f| shown_path(f)).collect(),
+                haystack_files: self.names.clone(),
                 chat,
                 depth,
             },
+            self.family,
         )
     }
 }
@@ -412,17 +478,41 @@ fn load_base(
         shape.num_attention_heads,
         shape.num_key_value_heads
     );
-    let files = if args.check_data.is_empty() {
-        crate::default_calibration_files()
-    } else {
-        args.check_data.clone()
+    let family = args.prompt_family.into();
+    // Haystacks: each a list of files or directories that form one token stream.
+    let haystacks: Vec<Vec<PathBuf>> = match (family, args.check_data.is_empty()) {
+        (PromptFamily::Passkey, true) => vec![crate::default_calibration_files()],
+        (PromptFamily::Passkey, false) => vec![args.check_data.clone()],
+        (PromptFamily::Varied, true) => vec![
+            crate::default_calibration_files(),
+            vec![recurformer::repo_root().join(VARIED_SECOND_HAYSTACK)],
+        ],
+        (PromptFamily::Varied, false) => args.check_data.iter().map(|p| vec![p.clone()]).collect(),
     };
     let eos = c.eos_token_ids.first().copied();
-    let stream = token_stream(&load_documents(&files)?, loaded.tokenizer()?, eos)?;
+    let mut streams = Vec::with_capacity(haystacks.len());
+    for files in &haystacks {
+        streams.push(token_stream(
+            &load_documents(files)?,
+            loaded.tokenizer()?,
+            eos,
+        )?);
+    }
+    let names = haystacks
+        .iter()
+        .map(|files| {
+            files
+                .iter()
+                .map(|f| shown_path(f))
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
     Ok(Base {
         loaded,
-        stream,
-        files,
+        streams,
+        names,
+        family,
     })
 }
 
@@ -483,6 +573,7 @@ fn rank_by_harm(
         prompts: args.rank_prompts,
         prompt_len: args.rank_context,
         depth: [args.rank_depth[0], args.rank_depth[1]],
+        family: b.family,
         seed: RANK_SEED,
         sinks: args.check_sinks,
         window: args.check_window,
@@ -523,11 +614,12 @@ fn rank_by_harm(
     }
     let template = recurformer::model::plan::Plan::by_fraction(report, 0.0, 0)?;
     eprintln!(
-        "rank: {} groups, each restricted alone to {} sinks + {} recent keys, on {} passkey prompts of {} tokens (depth {}..{}, seed {RANK_SEED})",
+        "rank: {} groups, each restricted alone to {} sinks + {} recent keys, on {} {} prompts of {} tokens (depth {}..{}, seed {RANK_SEED})",
         groups.len(),
         args.check_sinks,
         args.check_window,
         args.rank_prompts,
+        b.family.name(),
         args.rank_context,
         args.rank_depth[0],
         args.rank_depth[1]
@@ -612,6 +704,7 @@ fn refine(
         prompts: args.rank_prompts,
         prompt_len: args.rank_context,
         depth: [args.rank_depth[0], args.rank_depth[1]],
+        family: b.family,
         seed: RANK_SEED,
         sinks: args.check_sinks,
         window: args.check_window,
@@ -626,9 +719,10 @@ fn refine(
         .count();
     let total = plan.replaced_groups() + kept;
     eprintln!(
-        "refine: {} replaced groups handed back and {kept} kept candidates restricted, each alone beside the plan's, on {} passkey prompts of {} tokens (depth {}..{}, seed {RANK_SEED})",
+        "refine: {} replaced groups handed back and {kept} kept candidates restricted, each alone beside the plan's, on {} {} prompts of {} tokens (depth {}..{}, seed {RANK_SEED})",
         plan.replaced_groups(),
         args.rank_prompts,
+        b.family.name(),
         args.rank_context,
         args.rank_depth[0],
         args.rank_depth[1]
@@ -693,6 +787,7 @@ fn check(
         key_digits: args.check_key_digits,
         chat: !args.check_plain,
         depth: [args.check_depth[0], args.check_depth[1]],
+        family: b.family,
         ..CeilingSettings::default()
     };
     anyhow::ensure!(
@@ -710,8 +805,9 @@ fn check(
         s.depth,
     )?;
     eprintln!(
-        "check: {} passkey prompts of {} tokens ({}-digit keys, depth {}..{}, {}, seed {}), restricted groups see {} sinks + {} recent keys",
+        "check: {} {} prompts of {} tokens ({}-digit keys, depth {}..{}, {}, seed {}), restricted groups see {} sinks + {} recent keys",
         s.prompts,
+        b.family.name(),
         s.prompt_len,
         s.key_digits,
         s.depth[0],

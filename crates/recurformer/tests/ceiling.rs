@@ -186,6 +186,7 @@ fn group_harm_is_the_answer_cost_of_restricting_one_group() -> Result<()> {
             prompts: 4,
             prompt_len: 400,
             depth: recurformer::convert::passkey::PASSKEY_DEPTH,
+            family: Default::default(),
             seed: 5,
             sinks: 4,
             window: 4,

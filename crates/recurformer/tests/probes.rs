@@ -8,7 +8,9 @@ mod common;
 use anyhow::{Context, Result};
 use common::*;
 use rand::{Rng, SeedableRng};
-use recurformer::convert::passkey::{passkey_cases, PasskeyOptions};
+use recurformer::convert::passkey::{
+    family_cases, passkey_cases, PasskeyOptions, PromptFamily, VARIED_WORDINGS,
+};
 use recurformer::convert::probes::{
     probe_heads, CopyCase, CopySet, CopySettings, Probe, RepeatSet,
 };
@@ -293,6 +295,59 @@ fn passkey_prompts_and_probes_on_the_default_model() -> Result<()> {
     };
     let err = passkey_cases(tok, &stream, Some(2), &bad).unwrap_err();
     assert!(err.to_string().contains("depth range"), "{err}");
+
+    // The varied family: every wording and both haystacks within 8 prompts, keys of 6-8 digits
+    // answered exactly at the needle's tokens, the passkey family of `family_cases` is
+    // `passkey_cases`, and no prompt borrows the evaluation's wording.
+    let bible = root().join("data/text/kjv/bible.txt");
+    let kjv = token_stream(&load_documents(&[bible])?, tok, Some(2))?;
+    let varied = PasskeyOptions {
+        prompts: 8,
+        haystack_files: vec!["northanger_abbey.txt".into(), "bible.txt".into()],
+        ..chat.clone()
+    };
+    let cases = family_cases(
+        tok,
+        &[&stream, &kjv],
+        Some(2),
+        &varied,
+        PromptFamily::Varied,
+    )?
+    .cases;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut lengths = std::collections::BTreeSet::new();
+    for (n, c) in cases.iter().enumerate() {
+        assert_eq!(c.answer_start, 600);
+        let answer = &c.ids[c.answer_start..];
+        let sources: Vec<u32> = c.sources.iter().map(|&s| c.ids[s]).collect();
+        assert_eq!(sources, answer);
+        let key = tok.decode(answer, true)?;
+        assert!(key.chars().all(|d| d.is_ascii_digit()), "{key:?}");
+        lengths.insert(key.len());
+        let text = tok.decode(&c.ids[..c.answer_start], false)?;
+        let w = VARIED_WORDINGS
+            .iter()
+            .position(|w| text.ends_with(w.chat_answer) && text.contains(w.intro.trim()))
+            .unwrap_or_else(|| panic!("prompt {n} has no known wording: {text}"));
+        assert_eq!(w, n % 4);
+        let needle = VARIED_WORDINGS[w].needle.replace("{key}", &key);
+        assert!(text.contains(needle.trim()), "{text}");
+        assert!(!text.contains("magic number"));
+        // Which haystack: 12 tokens of filler well after the early needle, found in the Bible.
+        let probe = &c.ids[400..412];
+        let from_bible = kjv.windows(12).any(|x| x == probe);
+        assert_eq!(from_bible, !stream.windows(12).any(|x| x == probe));
+        seen.insert((w, from_bible));
+    }
+    assert_eq!(seen.len(), 8, "every wording with both haystacks: {seen:?}");
+    assert!(
+        lengths.iter().all(|l| (6..=8).contains(l)) && lengths.len() >= 2,
+        "{lengths:?}"
+    );
+    assert_eq!(
+        family_cases(tok, &[&stream, &kjv], Some(2), &chat, PromptFamily::Passkey)?.cases,
+        passkey_cases(tok, &stream, Some(2), &chat)?.cases
+    );
 
     let repeat = RepeatSet::generate(loaded.model.cfg.vocab_size, 1, 20, 3, 0)?;
     let probes = probe_heads(&loaded.model, Some(&repeat), Some(&set), &mut |_| {})?;

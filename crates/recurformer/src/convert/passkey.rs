@@ -17,6 +17,7 @@ use crate::formats::tokenizer::ChatMessage;
 use crate::formats::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 /// Opens the prompt (encoded with the tokenizer's special tokens, BOS where it asks for one).
 pub const PASSKEY_INTRO: &str =
@@ -50,16 +51,108 @@ pub struct PasskeyOptions {
     pub depth: [f64; 2],
 }
 
+/// One way of hiding a key in a haystack and asking for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wording {
+    /// Short name, recorded in reports.
+    pub name: &'static str,
+    /// Opens the prompt (encoded with the tokenizer's special tokens, BOS where it asks for one).
+    pub intro: &'static str,
+    /// The needle, `{key}` standing for the key. Inserted after a sentence end of the haystack.
+    pub needle: &'static str,
+    /// Closes the plain-text prompt; the key's tokens follow directly.
+    pub question: &'static str,
+    /// With chat framing: closes the user's turn ...
+    pub chat_question: &'static str,
+    /// ... and opens the assistant's, the key's tokens directly after.
+    pub chat_answer: &'static str,
+}
+
+/// The pass-key wording (the only one of [`PromptFamily::Passkey`]).
+pub const PASSKEY: Wording = Wording {
+    name: "pass key",
+    intro: PASSKEY_INTRO,
+    needle: PASSKEY_NEEDLE,
+    question: PASSKEY_QUESTION,
+    chat_question: PASSKEY_CHAT_QUESTION,
+    chat_answer: PASSKEY_CHAT_ANSWER,
+};
+
+/// The wordings of [`PromptFamily::Varied`]: the pass key and three others that differ from it
+/// and from the evaluation's needle ("special magic number") in every sentence: a code stated as
+/// a fact, a reference number in brackets, a phone extension tied to a name. Key formats vary
+/// with them (see [`passkey_cases`]).
+pub const VARIED_WORDINGS: [Wording; 4] = [
+    PASSKEY,
+    Wording {
+        name: "safe code",
+        intro: "The text below is long. One sentence in it gives the code that opens a safe; \
+                keep the code in mind.\n\n",
+        needle: " The code that opens the safe is {key}.",
+        question: "\n\nWhich code opens the safe? The code that opens the safe is ",
+        chat_question: "\n\nWhich code opens the safe?",
+        chat_answer: "The code that opens the safe is ",
+    },
+    Wording {
+        name: "reference number",
+        intro: "Please read this document carefully. It mentions a reference number that will \
+                matter later.\n\n",
+        needle: " (Reference number: {key}.)",
+        question: "\n\nWhat was the reference number? Reference number: ",
+        chat_question: "\n\nWhat was the reference number?",
+        chat_answer: "Reference number: ",
+    },
+    Wording {
+        name: "extension",
+        intro: "Here is a passage with a telephone extension hidden inside it. You will need it \
+                at the end.\n\n",
+        needle: " Dr. Ellison can be reached at extension {key}.",
+        question: "\n\nAt which extension can Dr. Ellison be reached? Dr. Ellison can be \
+                   reached at extension ",
+        chat_question: "\n\nAt which extension can Dr. Ellison be reached?",
+        chat_answer: "Dr. Ellison can be reached at extension ",
+    },
+];
+
+/// Which prompts `plan` measures groups on (its ranking, refinement and check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFamily {
+    /// One wording ([`PASSKEY`]), one haystack, keys of exactly `key_digits` digits.
+    #[default]
+    Passkey,
+    /// Prompt n uses wording `n % 4` of [`VARIED_WORDINGS`] and haystack `(n + n / 4) % H` of the
+    /// H given (every wording meets every haystack within 4H prompts), keys of `key_digits` - 1,
+    /// `key_digits` or `key_digits` + 1 digits: choices made on it cannot fit one wording or one
+    /// kind of text.
+    Varied,
+}
+
+impl PromptFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptFamily::Passkey => "passkey",
+            PromptFamily::Varied => "varied",
+        }
+    }
+
+    /// Parses [`PromptFamily::name`].
+    pub fn parse(s: &str) -> Result<PromptFamily> {
+        match s {
+            "passkey" => Ok(PromptFamily::Passkey),
+            "varied" => Ok(PromptFamily::Varied),
+            _ => bail!("unknown prompt family {s:?} (passkey or varied)"),
+        }
+    }
+}
+
 /// Token pieces that frame the haystack: before it, and after it up to the key's answer.
-fn framing(tok: &Tokenizer, chat: bool) -> Result<(Vec<u32>, Vec<u32>)> {
+fn framing(tok: &Tokenizer, w: &Wording, chat: bool) -> Result<(Vec<u32>, Vec<u32>)> {
     if !chat {
-        return Ok((
-            tok.encode(PASSKEY_INTRO, true)?,
-            tok.encode(PASSKEY_QUESTION, false)?,
-        ));
+        return Ok((tok.encode(w.intro, true)?, tok.encode(w.question, false)?));
     }
     const MARK: &str = "\u{1}PASSKEY-BODY\u{1}";
-    let content = format!("{PASSKEY_INTRO}{MARK}{PASSKEY_CHAT_QUESTION}");
+    let content = format!("{}{MARK}{}", w.intro, w.chat_question);
     let rendered = tok.apply_chat_template(
         &[ChatMessage {
             role: "user".into(),
@@ -74,7 +167,7 @@ fn framing(tok: &Tokenizer, chat: bool) -> Result<(Vec<u32>, Vec<u32>)> {
     // The template writes any BOS itself.
     Ok((
         tok.encode(before, false)?,
-        tok.encode(&format!("{after}{PASSKEY_CHAT_ANSWER}"), false)?,
+        tok.encode(&format!("{after}{}", w.chat_answer), false)?,
     ))
 }
 
@@ -87,6 +180,19 @@ pub fn passkey_cases(
     eos: Option<u32>,
     o: &PasskeyOptions,
 ) -> Result<CopySet> {
+    family_cases(tok, &[haystack], eos, o, PromptFamily::Passkey)
+}
+
+/// [`passkey_cases`] of a [`PromptFamily`]: for [`PromptFamily::Varied`] the wordings, key
+/// lengths and `haystacks` (one token stream each; `o.haystack_files` names them in the same
+/// order) alternate from prompt to prompt; [`PromptFamily::Passkey`] uses the first haystack only.
+pub fn family_cases(
+    tok: &Tokenizer,
+    haystacks: &[&[u32]],
+    eos: Option<u32>,
+    o: &PasskeyOptions,
+    family: PromptFamily,
+) -> Result<CopySet> {
     if o.prompts == 0 || !(1..=12).contains(&o.key_digits) {
         bail!(
             "passkey prompts: need >= 1 prompt and 1..=12 key digits (got {} prompts, {} digits)",
@@ -94,15 +200,27 @@ pub fn passkey_cases(
             o.key_digits
         );
     }
-    let (before, after) = PASSKEY_NEEDLE
-        .split_once("{key}")
-        .expect("the needle names {key}");
+    if family == PromptFamily::Varied && !(2..=11).contains(&o.key_digits) {
+        bail!(
+            "varied passkey prompts: keys of {} digits +- 1 need 2..=11 digits",
+            o.key_digits
+        );
+    }
+    if haystacks.is_empty() {
+        bail!("passkey prompts: no haystack given");
+    }
     let [d0, d1] = o.depth;
     if !(0.0..=1.0).contains(&d0) || !(0.0..=1.0).contains(&d1) || d0 > d1 {
         bail!("passkey prompts: the depth range {d0}..{d1} must lie within 0..1, low end first");
     }
-    let (intro, question) = framing(tok, o.chat)?;
-    let (nb, na) = (tok.encode(before, false)?, tok.encode(after, false)?);
+    let wordings: &[Wording] = match family {
+        PromptFamily::Passkey => &[PASSKEY],
+        PromptFamily::Varied => &VARIED_WORDINGS,
+    };
+    let hay_count = match family {
+        PromptFamily::Passkey => 1,
+        PromptFamily::Varied => haystacks.len(),
+    };
     let ends: Vec<u32> = [".", "!", "?"]
         .iter()
         .filter_map(|s| tok.encode(s, false).ok())
@@ -112,7 +230,20 @@ pub fn passkey_cases(
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
     let mut cases = Vec::with_capacity(o.prompts);
     for n in 0..o.prompts {
-        let key: String = (0..o.key_digits)
+        let w = &wordings[n % wordings.len()];
+        let h = (n + n / wordings.len()) % hay_count;
+        let haystack = haystacks[h];
+        let (intro, question) = framing(tok, w, o.chat)?;
+        let (before, after) = w
+            .needle
+            .split_once("{key}")
+            .expect("the needle names {key}");
+        let (nb, na) = (tok.encode(before, false)?, tok.encode(after, false)?);
+        let digits = match family {
+            PromptFamily::Passkey => o.key_digits,
+            PromptFamily::Varied => o.key_digits - 1 + rng.random_range(0..3usize),
+        };
+        let key: String = (0..digits)
             .map(|i| {
                 let d = if i == 0 {
                     rng.random_range(1..10)
@@ -126,9 +257,11 @@ pub fn passkey_cases(
         let fixed = intro.len() + nb.len() + key_ids.len() + na.len() + question.len();
         if o.prompt_len < fixed + 16 || haystack.len() < o.prompt_len {
             bail!(
-                "passkey prompt {n}: {} tokens leave fewer than 16 for the filler after the \
-                 {fixed} of the wording and key (or the haystack has only {} tokens)",
+                "passkey prompt {n} ({}): {} tokens leave fewer than 16 for the filler after the \
+                 {fixed} of the wording and key (or the haystack {} has only {} tokens)",
+                w.name,
                 o.prompt_len,
+                o.haystack_files.get(h).map_or("given", String::as_str),
                 haystack.len()
             );
         }
@@ -168,6 +301,14 @@ pub fn passkey_cases(
             sources: (key_at..key_at + key_ids.len()).collect(),
         });
     }
+    let needle = match family {
+        PromptFamily::Passkey => PASSKEY_NEEDLE.trim().to_string(),
+        PromptFamily::Varied => VARIED_WORDINGS
+            .iter()
+            .map(|w| w.needle.trim())
+            .collect::<Vec<_>>()
+            .join(" | "),
+    };
     Ok(CopySet {
         settings: CopySettings {
             prompts: o.prompts,
@@ -175,7 +316,7 @@ pub fn passkey_cases(
             key_digits: o.key_digits,
             seed: o.seed,
             haystack: o.haystack_files.clone(),
-            needle: PASSKEY_NEEDLE.trim().to_string(),
+            needle,
             answer_tokens: 0,
             model_token_accuracy: 0.0,
             model_exact: 0,

@@ -438,6 +438,7 @@ mod tests {
             prompts: 1,
             prompt_len: 16,
             depth: [0.0, 1.0],
+            family: Default::default(),
             seed: 0,
             sinks: 4,
             window: 32,

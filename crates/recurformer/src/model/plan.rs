@@ -144,6 +144,9 @@ pub struct Refinement {
     pub prompts: usize,
     pub prompt_len: usize,
     pub depth: [f64; 2],
+    /// Which prompts (`convert::passkey::PromptFamily`); plans before this field: passkey.
+    #[serde(default)]
+    pub family: crate::convert::passkey::PromptFamily,
     pub seed: u64,
     pub sinks: usize,
     pub window: usize,
@@ -188,6 +191,9 @@ pub struct HarmRanking {
     /// Range of the needle's depth in the prompts' filler (plans before this field: 0..1).
     #[serde(default = "full_depth")]
     pub depth: [f64; 2],
+    /// Which prompts (`convert::passkey::PromptFamily`); plans before this field: passkey.
+    #[serde(default)]
+    pub family: crate::convert::passkey::PromptFamily,
     pub seed: u64,
     pub sinks: usize,
     pub window: usize,
@@ -267,7 +273,12 @@ impl HarmRanking {
     /// group are interchangeable (each group is restricted alone, so one group's harm does not
     /// depend on which other groups were measured).
     pub fn prompt_mismatch(&self, other: &HarmRanking) -> Option<(&'static str, String, String)> {
-        let fields: [(&'static str, String, String); 6] = [
+        let fields: [(&'static str, String, String); 7] = [
+            (
+                "family",
+                self.family.name().to_string(),
+                other.family.name().to_string(),
+            ),
             (
                 "prompts",
                 self.prompts.to_string(),
@@ -428,6 +439,9 @@ pub struct CeilingSettings {
     /// Prompt tokens before the answer.
     pub prompt_len: usize,
     pub key_digits: usize,
+    /// Which prompts (`convert::passkey::PromptFamily`); plans before this field: passkey.
+    #[serde(default)]
+    pub family: crate::convert::passkey::PromptFamily,
     pub seed: u64,
     pub sinks: usize,
     pub window: usize,
@@ -457,6 +471,7 @@ impl Default for CeilingSettings {
             max_swaps: 4,
             chat: false,
             depth: crate::convert::passkey::PASSKEY_DEPTH,
+            family: crate::convert::passkey::PromptFamily::Passkey,
         }
     }
 }
@@ -939,6 +954,14 @@ mod tests {
             a.prompt_mismatch(&ranking(4096, &[])).map(|m| m.0),
             Some("prompt_len")
         );
+        let varied = HarmRanking {
+            family: crate::convert::passkey::PromptFamily::Varied,
+            ..ranking(1024, &[])
+        };
+        assert_eq!(
+            a.prompt_mismatch(&varied),
+            Some(("family", "passkey".into(), "varied".into()))
+        );
     }
 
     fn ranking(len: usize, costs: &[(usize, usize, f64)]) -> HarmRanking {
@@ -946,6 +969,7 @@ mod tests {
             prompts: 4,
             prompt_len: len,
             depth: [0.0, 1.0],
+            family: Default::default(),
             seed: 1,
             sinks: 4,
             window: 32,
