@@ -319,6 +319,12 @@ pub fn check_plan(
         s.window,
         set.cases.len()
     ));
+    let marks = |v: &[bool]| v.iter().map(|&x| if x { '1' } else { '.' }).collect::<String>();
+    progress(&format!(
+        "per prompt, in order (1 = exact): base {}, plan {}",
+        marks(&base_ok),
+        marks(&cur_ok)
+    ));
     let mut cur_correct = planned_correct;
 
     // Candidates to hand back: replaced groups, most copy mass first, then lowest recency. The

@@ -80,8 +80,13 @@ pub const PASSKEY: Wording = Wording {
 
 /// The wordings of [`PromptFamily::Varied`]: the pass key and three others that differ from it
 /// and from the evaluation's needle ("special magic number") in every sentence: a code stated as
-/// a fact, a reference number in brackets, a phone extension tied to a name. Key formats vary
-/// with them (see [`passkey_cases`]).
+/// a fact, a reference number in brackets, a phone extension tied to a name. In those three the
+/// answer is asked for in other words than the needle's ("The safe opens with the code" for "The
+/// code that opens the safe is"), so the token before the key never repeats the needle's: the
+/// answer must be found by what it means, not by copying what followed the same words (an
+/// induction match), as in the evaluation's needle, whose answer prefix ("... mentioned in the
+/// text above is") does not repeat its sentence either. Key lengths vary with them
+/// ([`PromptFamily::Varied`]).
 pub const VARIED_WORDINGS: [Wording; 4] = [
     PASSKEY,
     Wording {
@@ -89,28 +94,28 @@ pub const VARIED_WORDINGS: [Wording; 4] = [
         intro: "The text below is long. One sentence in it gives the code that opens a safe; \
                 keep the code in mind.\n\n",
         needle: " The code that opens the safe is {key}.",
-        question: "\n\nWhich code opens the safe? The code that opens the safe is ",
+        question: "\n\nWhich code opens the safe? The safe opens with the code ",
         chat_question: "\n\nWhich code opens the safe?",
-        chat_answer: "The code that opens the safe is ",
+        chat_answer: "The safe opens with the code ",
     },
     Wording {
         name: "reference number",
         intro: "Please read this document carefully. It mentions a reference number that will \
                 matter later.\n\n",
         needle: " (Reference number: {key}.)",
-        question: "\n\nWhat was the reference number? Reference number: ",
+        question: "\n\nWhat was the reference number? The reference number given was ",
         chat_question: "\n\nWhat was the reference number?",
-        chat_answer: "Reference number: ",
+        chat_answer: "The reference number given was ",
     },
     Wording {
         name: "extension",
         intro: "Here is a passage with a telephone extension hidden inside it. You will need it \
                 at the end.\n\n",
         needle: " Dr. Ellison can be reached at extension {key}.",
-        question: "\n\nAt which extension can Dr. Ellison be reached? Dr. Ellison can be \
-                   reached at extension ",
+        question: "\n\nAt which extension can Dr. Ellison be reached? Dr. Ellison's extension \
+                   number is ",
         chat_question: "\n\nAt which extension can Dr. Ellison be reached?",
-        chat_answer: "Dr. Ellison can be reached at extension ",
+        chat_answer: "Dr. Ellison's extension number is ",
     },
 ];
 
