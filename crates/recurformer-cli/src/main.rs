@@ -543,17 +543,9 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 fn default_calibration_files() -> Vec<PathBuf> {
-    let dir = recurformer::repo_root().join("data/text/austen");
-    [
-        "sense_and_sensibility",
-        "pride_and_prejudice",
-        "mansfield_park",
-        "emma",
-        "northanger_abbey",
-    ]
-    .iter()
-    .map(|n| dir.join(format!("{n}.txt")))
-    .collect()
+    recurformer::formats::domains::default_calibration_files(
+        &recurformer::formats::domains::text_root(),
+    )
 }
 
 pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -573,12 +565,13 @@ fn analyze_cmd(a: AnalyzeArgs) -> Result<()> {
     use recurformer::formats::text::{load_documents, sample_windows, token_stream};
     a.model.apply_threads();
     let path = a.model.path();
-    let loaded = recurformer::checkpoint::loader::load(&path)?;
     let files = if a.data.is_empty() {
         default_calibration_files()
     } else {
         a.data.clone()
     };
+    recurformer::formats::domains::check_not_heldout(&files, "analyze --data")?;
+    let loaded = recurformer::checkpoint::loader::load(&path)?;
     let docs = load_documents(&files)?;
     let eos = loaded.model.cfg.eos_token_ids.first().copied();
     let stream = token_stream(&docs, loaded.tokenizer()?, eos)?;

@@ -218,23 +218,11 @@ fn apply_flags(cfg: &mut TrainConfig, a: &TrainArgs) {
 }
 
 fn default_train_files() -> Vec<PathBuf> {
-    let root = recurformer::repo_root().join("data/text");
-    let mut v: Vec<PathBuf> = [
-        "sense_and_sensibility",
-        "pride_and_prejudice",
-        "mansfield_park",
-        "emma",
-        "northanger_abbey",
-    ]
-    .iter()
-    .map(|n| root.join(format!("austen/{n}.txt")))
-    .collect();
-    v.push(root.join("paul_graham"));
-    v
+    recurformer::formats::domains::default_train_files(&recurformer::formats::domains::text_root())
 }
 
 fn default_heldout_files() -> Vec<PathBuf> {
-    vec![recurformer::repo_root().join("data/text/austen/persuasion.txt")]
+    recurformer::formats::domains::default_heldout_files(&recurformer::formats::domains::text_root())
 }
 
 /// The documents to train and evaluate on, with the inputs recorded for a later resume.
@@ -247,6 +235,7 @@ fn build_data(
     eos: Option<u32>,
     cache: Option<&Path>,
 ) -> Result<TrainData> {
+    recurformer::formats::domains::check_not_heldout(train_files, "train --data")?;
     let docs = load_token_documents(train_files, tok, cache)?;
     let (train, held) = if heldout_files.is_empty() {
         split_documents(docs, heldout_fraction, seed)?
