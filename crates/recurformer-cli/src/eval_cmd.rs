@@ -1,8 +1,9 @@
-//! `recurformer eval`: every model on the same inputs (held-out perplexity per context length,
-//! cache bytes, needle-in-a-haystack, HashHop, the induction probe), one progress bar over the whole
-//! run, one table, eval.json + eval.md (+ a needle heatmap per model). Retrieval is reported as
-//! exact match with a Wilson 95 % interval, per-digit accuracy, mean answer log-probability, and an
-//! exact McNemar test of each model against the first on the same cases.
+//! `recurformer eval`: every model on the same inputs (held-out perplexity per context length, on
+//! --data or per held-out text domain with --domains, cache bytes, needle-in-a-haystack, HashHop,
+//! the induction probe), one progress bar over the whole run, one table, eval.json + eval.md (+ a
+//! needle heatmap per model). Retrieval is reported as exact match with a Wilson 95 % interval,
+//! per-digit accuracy, mean answer log-probability, and an exact McNemar test of each model against
+//! the first on the same cases.
 
 use crate::bench_cmd::short_name;
 use crate::human_bytes;
@@ -62,6 +63,13 @@ pub(crate) struct EvalArgs {
     /// Held-out text for perplexity (default: Persuasion, held out from calibration and training).
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    /// Perplexity on each text domain's held-out documents instead of on --data, in one table
+    /// (a row per domain and context, a column per model, ratios to the first model). Alone:
+    /// every domain that holds documents out (fiction = Persuasion, scripture = 9 books of the
+    /// King James Bible, technical = man pages, code = networkx source, encyclopedic = FOLDOC;
+    /// placed by scripts/setup.sh); or the domains named, comma-separated.
+    #[arg(long, num_args = 0.., value_delimiter = ',', value_name = "DOMAIN", conflicts_with = "data")]
+    pub domains: Option<Vec<String>>,
     /// At most this many windows per context length (a quick run); all windows by default.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -179,7 +187,41 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     } else {
         a.data.clone()
     };
-    let docs = load_documents(&data)?;
+    // The perplexity texts: --data as one unnamed text, or each held-out domain by name.
+    let texts: Vec<PplText> = match &a.domains {
+        None => vec![PplText {
+            domain: None,
+            docs: load_documents(&data)?,
+            paths: data.clone(),
+        }],
+        Some(names) => {
+            let root = recurformer::formats::domains::text_root();
+            let chosen = if names.is_empty() {
+                recurformer::formats::domains::heldout_domains()
+            } else {
+                names
+                    .iter()
+                    .map(|n| recurformer::formats::domains::domain(n))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let mut texts = Vec::new();
+            for d in chosen {
+                if d.heldout.is_empty() {
+                    bail!("--domains: the {} domain holds no documents out", d.name);
+                }
+                let paths = d.heldout_paths(&root);
+                let docs = load_documents(&paths).map_err(|e| {
+                    anyhow::anyhow!("--domains: {} ({e:#}; run scripts/setup.sh)", d.name)
+                })?;
+                texts.push(PplText {
+                    domain: Some(d.name),
+                    docs,
+                    paths,
+                });
+            }
+            texts
+        }
+    };
     let task_contexts = if a.task_context.is_empty() {
         a.context.clone()
     } else {
@@ -234,13 +276,22 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    let assumed_windows = if has("perplexity") {
+    // Windows per text and context length.
+    let assumed_windows: Vec<Vec<usize>> = if has("perplexity") {
         let f = first.as_ref().expect("loaded above");
-        ppl_windows(token_stream(&docs, f.tokenizer()?, None)?.len())
+        texts
+            .iter()
+            .map(|t| {
+                Ok(ppl_windows(
+                    token_stream(&t.docs, f.tokenizer()?, None)?.len(),
+                ))
+            })
+            .collect::<Result<_>>()?
     } else {
         vec![]
     };
-    let total = models.len() as u64 * (ppl_tokens(&assumed_windows) + task_tokens);
+    let assumed_tokens: u64 = assumed_windows.iter().map(|w| ppl_tokens(w)).sum();
+    let total = models.len() as u64 * (assumed_tokens + task_tokens);
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -268,26 +319,44 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
         let short = me.short();
         let mut entry = json!({"model": me.name()});
         if has("perplexity") {
-            let tokens = token_stream(&docs, loaded.tokenizer()?, None)?;
-            let w = ppl_windows(tokens.len());
-            if w != assumed_windows {
-                let (now, assumed) = (ppl_tokens(&w), ppl_tokens(&assumed_windows));
-                pb.set_length(pb.length().unwrap_or(0) + now - assumed.min(now));
-            }
-            let mut ppl = Vec::new();
-            for &c in &a.context {
-                pb.set_message(format!(
-                    "[{}/{}] {short}: perplexity at {c}",
-                    mi + 1,
-                    models.len()
-                ));
-                let r =
-                    recurformer::eval::perplexity::perplexity(m, &tokens, c, a.limit, &mut |n| {
-                        pb.inc(n as u64)
+            let mut per_domain = Vec::new();
+            for (text, assumed) in texts.iter().zip(&assumed_windows) {
+                let tokens = token_stream(&text.docs, loaded.tokenizer()?, None)?;
+                let w = ppl_windows(tokens.len());
+                if w != *assumed {
+                    let (now, assumed) = (ppl_tokens(&w), ppl_tokens(assumed));
+                    pb.set_length(pb.length().unwrap_or(0) + now - assumed.min(now));
+                }
+                let on = text.domain.map(|d| format!(" on {d}")).unwrap_or_default();
+                let mut ppl = Vec::new();
+                for &c in &a.context {
+                    pb.set_message(format!(
+                        "[{}/{}] {short}: perplexity{on} at {c}",
+                        mi + 1,
+                        models.len()
+                    ));
+                    let r = recurformer::eval::perplexity::perplexity(
+                        m,
+                        &tokens,
+                        c,
+                        a.limit,
+                        &mut |n| pb.inc(n as u64),
+                    )
+                    .map_err(|e| match text.domain {
+                        Some(_) => e.context(format!("perplexity{on} at {c}")),
+                        None => e,
                     })?;
-                ppl.push(r);
+                    ppl.push(r);
+                }
+                match text.domain {
+                    None => entry["perplexity"] = serde_json::to_value(&ppl)?,
+                    Some(d) => per_domain
+                        .push(json!({"domain": d, "perplexity": serde_json::to_value(&ppl)?})),
+                }
             }
-            entry["perplexity"] = serde_json::to_value(&ppl)?;
+            if a.domains.is_some() {
+                entry["perplexity_domains"] = Value::Array(per_domain);
+            }
         }
         if has("needle") {
             pb.set_message(format!("[{}/{}] {short}: needle", mi + 1, models.len()));
@@ -337,9 +406,20 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     add_mcnemar(&mut results)?;
     let table = markdown(&results);
     print!("{table}");
-    let json = json!({"data": data.iter().map(|d| shown_path(d)).collect::<Vec<_>>(),
+    let mut json = json!({"data": data.iter().map(|d| shown_path(d)).collect::<Vec<_>>(),
         "limit": a.limit, "contexts": a.context, "task_contexts": task_contexts, "tasks": a.tasks,
         "scoring": a.scoring, "results": results});
+    if a.domains.is_some() {
+        // The held-out text of each domain instead of --data.
+        json["data"] = Value::Array(vec![]);
+        json["domains"] = texts
+            .iter()
+            .map(|t| {
+                json!({"domain": t.domain, "heldout": t.paths.iter().map(|p| shown_path(p)).collect::<Vec<_>>(),
+                    "documents": t.docs.len()})
+            })
+            .collect();
+    }
     recurformer::formats::io::write_atomic(
         &a.out.join("eval.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
@@ -347,6 +427,14 @@ pub(crate) fn eval_cmd(a: EvalArgs) -> Result<()> {
     recurformer::formats::io::write_atomic(&a.out.join("eval.md"), table.as_bytes())?;
     eprintln!("wrote {}/eval.json and eval.md", a.out.display());
     Ok(())
+}
+
+/// One text that perplexity is measured on: --data, or a domain's held-out documents.
+struct PplText {
+    /// The domain's name; None for --data.
+    domain: Option<&'static str>,
+    docs: Vec<recurformer::formats::text::Document>,
+    paths: Vec<PathBuf>,
 }
 
 /// Adds `mcnemar_vs_first` to the needle and HashHop results of every model after the first: the
@@ -515,6 +603,7 @@ pub(crate) fn markdown(results: &[Value]) -> String {
         }
         md.push('\n');
     }
+    md.push_str(&domain_markdown(results));
     if results.iter().any(|r| r["cache"].is_array()) {
         md.push_str(
             "| model | context | KV cache (type) | recurrent state (f32) | total | vs first |\n\
@@ -620,6 +709,73 @@ pub(crate) fn markdown(results: &[Value]) -> String {
         md.push_str(&overall(results, "hashhop"));
     }
     md.push_str(&retrieval_markdown(results));
+    md
+}
+
+/// The per-domain perplexity table of `eval --domains` (empty without it): a row per domain and
+/// context length, a column per model, each cell the perplexity over all positions and, after the
+/// first model, its ratio to the first model's.
+fn domain_markdown(results: &[Value]) -> String {
+    let Some(first) = results.first() else {
+        return String::new();
+    };
+    let Some(rows) = first["perplexity_domains"].as_array() else {
+        return String::new();
+    };
+    let mut md = String::from(
+        "Held-out perplexity per domain (all positions of each window; ratio to the first model)\n\n\
+         | domain | context | windows |",
+    );
+    for r in results {
+        md.push_str(&format!(" {} |", r["model"].as_str().unwrap_or("")));
+    }
+    md.push_str("\n|---|---|---|");
+    md.push_str(&"---|".repeat(results.len()));
+    md.push('\n');
+    // The cell of `r` for `domain` at the i-th context (looked up by name: every model runs the
+    // same domains in the same order, but a lookup does not depend on it).
+    let cell = |r: &Value, domain: &Value, i: usize| -> Value {
+        r["perplexity_domains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["domain"] == *domain)
+            .map(|d| d["perplexity"][i].clone())
+            .unwrap_or(Value::Null)
+    };
+    for row in rows {
+        let domain = &row["domain"];
+        for (i, p0) in row["perplexity"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            md.push_str(&format!(
+                "| {} | {} | {} |",
+                domain.as_str().unwrap_or("-"),
+                p0["context"],
+                p0["windows"]
+            ));
+            for (mi, r) in results.iter().enumerate() {
+                let p = cell(r, domain, i);
+                let mut c = fmt_opt(p["ppl"].as_f64(), |x| format!("{x:.3}"));
+                if mi > 0 {
+                    if let (Some(x), Some(y)) = (p["ppl"].as_f64(), p0["ppl"].as_f64()) {
+                        if y > 0.0 {
+                            c.push_str(&format!(" ({:.3}x)", x / y));
+                        }
+                    }
+                }
+                if p["windows"] != p0["windows"] && p.is_object() {
+                    c.push_str(&format!(" [{} windows]", p["windows"]));
+                }
+                md.push_str(&format!(" {c} |"));
+            }
+            md.push('\n');
+        }
+    }
+    md.push('\n');
     md
 }
 
