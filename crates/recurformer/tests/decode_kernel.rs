@@ -6,10 +6,14 @@
 //! (8) nor of the block, blocks of 64 and 512 keys, 1 and 3 new queries, two sequences, f32 and
 //! f16 caches that are views into a larger buffer, on every instruction set this CPU has.
 //!
-//! Tolerance: 1e-5 absolute on outputs of magnitude ~1 (values of scale 1): the kernels compute
-//! the same sums in f32 in a different order (the group kernel scales q before the dot product,
-//! sums a key's products in a different lane order, and the eager path widens the f16 cache
-//! before a GEMM); the two kernels read the same f16 values, so f16 needs no more room than f32.
+//! Tolerance: 2e-5 absolute on outputs of magnitude ~1 (values of scale 1). The kernels compute
+//! the same sums in f32 in a different order (the group kernel scales q before the dot product
+//! and sums a key's products in a different lane order; the eager path widens the f16 cache
+//! before a GEMM); with queries and keys of scale 2 the scores have a standard deviation of 4
+//! and the unscaled dot products of 32, whose f32 rounding moves the softmax by a few 1e-6: the
+//! largest difference seen over runs was 8.8e-6 (typically 3-5e-6), so 1e-5 would fail now and
+//! then on the random draw. The two kernels read the same f16 values, so f16 needs no more room
+//! than f32.
 
 mod common;
 use anyhow::Result;
@@ -22,7 +26,7 @@ use recurformer::model::kernels::decode_attention::{
 use recurformer::model::kernels::simd::Isa;
 use recurformer::model::options::{AttentionImpl, ForwardOptions};
 
-const TOL: f32 = 1e-5;
+const TOL: f32 = 2e-5;
 
 #[test]
 fn group_kernel_matches_the_per_row_kernel_and_the_eager_path() -> Result<()> {
@@ -33,7 +37,7 @@ fn group_kernel_matches_the_per_row_kernel_and_the_eager_path() -> Result<()> {
         attention: AttentionImpl::Eager,
         differentiable: false,
     };
-    let mut worst = 0f32;
+    let mut worst = [0f32; 3]; // vs per-row on the same set, vs scalar per-row, vs eager
     let mut cases = 0;
     for (nkv, g) in [(2, 1), (3, 3), (2, 4), (1, 9)] {
         for hd in [64, 24, 20, 18] {
@@ -86,7 +90,9 @@ fn group_kernel_matches_the_per_row_kernel_and_the_eager_path() -> Result<()> {
                                     "{what}: group vs per-row on the same set {d_rows}, vs \
                                      scalar per-row {d_ref}, vs eager {d_eager}"
                                 );
-                                worst = worst.max(d_rows).max(d_ref).max(d_eager);
+                                for (w, d) in worst.iter_mut().zip([d_rows, d_ref, d_eager]) {
+                                    *w = w.max(d);
+                                }
                                 cases += 1;
                             }
                         }
@@ -95,7 +101,11 @@ fn group_kernel_matches_the_per_row_kernel_and_the_eager_path() -> Result<()> {
             }
         }
     }
-    println!("{cases} cases, largest difference {worst:.2e} (tolerance {TOL:.0e})");
+    println!(
+        "{cases} cases, largest difference vs the per-row kernel on the same set {:.2e}, vs \
+         the scalar per-row kernel {:.2e}, vs eager {:.2e} (tolerance {TOL:.0e})",
+        worst[0], worst[1], worst[2]
+    );
     Ok(())
 }
 

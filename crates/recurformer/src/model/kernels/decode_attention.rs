@@ -291,6 +291,17 @@ where
     }
 }
 
+/// Registers of a row that [`group_values`] sums in one pass over the block: a G x C tile of
+/// sums, G broadcast probabilities and a value register must fit the register file.
+const fn value_cols(wide: bool, g: usize) -> usize {
+    // 16 registers with G = 3: C = 4 (12 sums) spilled and ran f16 at 0.8x of C = 2.
+    if wide || g <= 2 {
+        4
+    } else {
+        2
+    }
+}
+
 /// (batch, KV head, query position, key block).
 type Task = (usize, usize, usize, usize);
 
@@ -306,9 +317,8 @@ struct Rows<E> {
 
 /// Scores of G query heads (`q`: G rows of hd, already scaled) against every key of `r`, into
 /// `out` (G rows of n). Keys go in batches whose tile of sums (G x batch registers) fits the
-/// register file with the G query registers and one key register: 8 keys on AVX-512's 32
-/// registers (4 for G = 4), 4 on 16 registers (8 for G = 1, 2 for G = 4); the last n % batch keys
-/// one at a time.
+/// register file with a key register or two: 8 keys on AVX-512's 32 registers (4 for G = 4), 4
+/// on 16 registers (8 for G = 1, 2 for G = 4); the last n % batch keys one at a time.
 ///
 /// # Safety
 /// `r`'s rows in bounds, hd a multiple of `O::N`, `q` and `out` valid for G rows.
@@ -339,23 +349,33 @@ unsafe fn scores<E: KvElem, O: Lanes<E>, const G: usize, const KB: usize>(
     j0: usize,
 ) -> usize {
     let (n, hd) = (r.n, r.hd);
+    // When the value pass will go over the block in several column slices, each slice reads
+    // every row at a stride, which streamed badly from memory (AVX2 with G = 3: f16 at 0.7x):
+    // ask for each value row while its key row is read instead, so that the block's values
+    // arrive in row order and the slices find them in cache. A single slice reads rows in
+    // order already (there the prefetches cost 5-15 %).
+    let pfv = hd / O::N > value_cols(O::WIDE, G);
     let mut j = j0;
     while j + KB <= n {
         let mut acc = [[O::zero(); KB]; G];
-        let mut d = 0;
-        while d < hd {
-            let mut qv = [O::zero(); G];
-            for h in 0..G {
-                qv[h] = O::load(q.add(h * hd + d));
+        // Key by key, each row from start to end: read in this order the rows stream from
+        // memory; column-major over the batch (all keys' first register, then the second, ...)
+        // ran the f32 cache at 0.6x the bandwidth (the hardware prefetchers see a scattered
+        // pattern). The queries come from L1 each time (a memory operand of the FMA).
+        for b in 0..KB {
+            let row = r.k.add((j + b) * r.ks);
+            if pfv {
+                super::simd::prefetch_row(r.v.add((j + b) * r.vs), hd);
             }
-            for b in 0..KB {
-                // One key row's registers, widened once, for all G heads.
-                let kv = O::load_kv(r.k.add((j + b) * r.ks + d));
+            let mut d = 0;
+            while d < hd {
+                // One key register, widened once, for all G heads.
+                let kv = O::load_kv(row.add(d));
                 for h in 0..G {
-                    acc[h][b] = O::fma(qv[h], kv, acc[h][b]);
+                    acc[h][b] = O::fma(O::load(q.add(h * hd + d)), kv, acc[h][b]);
                 }
+                d += O::N;
             }
-            d += O::N;
         }
         // Lane sums four keys at a time: one transposed reduction per four scores.
         for h in 0..G {
@@ -393,7 +413,7 @@ unsafe fn group_values<E: KvElem, O: Lanes<E>, const G: usize>(
 ) {
     let nv = r.hd / O::N; // registers per row
     let mut c0 = 0;
-    if O::WIDE || G <= 2 {
+    if value_cols(O::WIDE, G) == 4 {
         while c0 + 4 <= nv {
             values::<E, O, G, 4>(r, p, acc, c0 * O::N);
             c0 += 4;

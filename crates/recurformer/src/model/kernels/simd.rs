@@ -211,6 +211,29 @@ impl<E: KvElem> Lanes<E> for Scalar {
     }
 }
 
+/// Asks for the 64-byte lines of `len` elements from `p` to be brought towards the core (x86's
+/// `prefetcht0`; nothing elsewhere). A prefetch never faults and reads nothing visible.
+#[inline(always)]
+pub fn prefetch_row<T>(p: *const T, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = len * std::mem::size_of::<T>();
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: a prefetch neither faults nor reads architecturally; SSE is in the
+            // x86-64 baseline.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    (p as *const i8).wrapping_add(off),
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
 #[cfg(target_arch = "x86_64")]
 pub use x86::{Avx2, Avx512};
 /// Elsewhere the SIMD sets are never detected; the names stand for the portable code.
@@ -568,17 +591,26 @@ mod x86 {
 /// x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error
 /// < 2e-7 on that interval), 2^n assembled in the exponent bits. Below -87 (and for -inf, a
 /// masked score) the result is exactly 0.
+///
+/// n is rounded, and read back as an integer, by adding 1.5 * 2^23: the sum's low mantissa bits
+/// then hold n in two's complement (the classic "magic number" rounding). `round()` and `n as
+/// i32` did the same, but a float-to-int `as` saturates and maps NaN to 0, which the compiler
+/// wrote as a scalar convert and two conditional moves per lane: it was a fifth of the decode
+/// kernel's time (issue 20).
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     let xc = x.max(-87.0);
-    let n = (xc * std::f32::consts::LOG2_E).round();
+    let t = xc * std::f32::consts::LOG2_E + MAGIC; // round to nearest: n in [-126, 0]
+    let n = t - MAGIC;
     // ln 2 split in a part exact in f32 and the remainder (Cody & Waite), so r stays accurate.
     let r = (xc - n * 0.693_145_75) - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // t's bits minus MAGIC's are n (as a wrapped u32); + 127 is 2^n's biased exponent.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {
