@@ -34,13 +34,6 @@ use rayon::prelude::*;
 /// Keys per parallel block.
 pub const BLOCK: usize = 512;
 
-/// Up to this many key rows (batch x KV heads x queries x keys) a call runs on the calling
-/// thread: handing tasks to rayon's pool from outside it and waiting for them cost ~15 us a call
-/// (measured: 27 windowed layers of 36 keys took 0.44 ms a step through the pool, 0.08 on the
-/// caller; 27 layers of 512 keys x 3 heads 0.92 vs 0.57 ms, one thread, loaded machine), more
-/// than two threads save on this much work (~20 ns a key row).
-const SERIAL_KEYS: usize = 2048;
-
 /// Which decode kernel runs, on which instruction set, with how many keys per parallel block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeKernel {
@@ -517,21 +510,18 @@ impl DecodeAttention {
             rows: self.kernel.rows,
         };
         let isa = self.kernel.isa;
-        let run = |&task: &Task| match isa {
-            // SAFETY: `isa` is one the CPU supports (`Isa::detect` / `Isa::available`).
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { job.run_avx512(task) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { job.run_avx2(task) },
-            _ if job.rows => job.run_rows::<Scalar>(task),
-            _ => job.run_group::<Scalar>(task),
-        };
-        let serial = b * nkv * t * s <= SERIAL_KEYS || rayon::current_num_threads() == 1;
-        let partial: Vec<Partial> = if serial {
-            tasks.iter().map(run).collect()
-        } else {
-            tasks.par_iter().map(run).collect()
-        };
+        let partial: Vec<Partial> = tasks
+            .par_iter()
+            .map(|&task| match isa {
+                // SAFETY: `isa` is one the CPU supports (`Isa::detect` / `Isa::available`).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { job.run_avx512(task) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { job.run_avx2(task) },
+                _ if job.rows => job.run_rows::<Scalar>(task),
+                _ => job.run_group::<Scalar>(task),
+            })
+            .collect();
         // Merge the blocks: rescale each block's sums by exp(m_block - m_total).
         let mut out = vec![0f32; b * nh * t * hd];
         for bi in 0..b {
