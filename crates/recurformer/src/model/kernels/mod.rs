@@ -28,6 +28,16 @@ pub fn chunked_prefill() -> bool {
     })
 }
 
+/// Whether decode attention runs the per-row kernel (one dot product and one axpy per key and
+/// query head, the kernel before issue 20's group kernel) instead of the group kernel: set
+/// `RECURFORMER_ROW_DECODE_ATTENTION=1` to time or check the old path side by side. Read once.
+pub fn row_decode_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("RECURFORMER_ROW_DECODE_ATTENTION").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
 /// The contiguous data of a CPU tensor `what`, an input of the op `op`, as a slice.
 pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
     s: &'a candle_core::CpuStorage,

@@ -17,7 +17,7 @@ pub enum Isa {
     Scalar,
     /// x86-64 with AVX2, FMA and F16C: 8 f32 lanes.
     Avx2,
-    /// x86-64 with AVX-512F besides: 16 f32 lanes.
+    /// x86-64 with AVX-512F and AVX-512VL besides: 16 f32 lanes, 32 registers.
     Avx512,
 }
 
@@ -47,7 +47,11 @@ impl Isa {
                 && is_x86_feature_detected!("f16c")
             {
                 v.push(Isa::Avx2);
-                if is_x86_feature_detected!("avx512f") {
+                // AVX-512VL besides F: the 256-bit instructions the kernels mix in (the lane
+                // sums) may then use all 32 registers; without it they are VEX-encoded, limited to
+                // the first 16, and the register allocator spilled the group decode kernel's tiles
+                // (every AVX-512 x86 CPU but Knights Landing has VL).
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
                     v.push(Isa::Avx512);
                 }
             }
@@ -137,6 +141,99 @@ impl<E: KvElem> RowOps<E> for Scalar {
     }
 }
 
+/// Whole registers of one instruction set, for kernels that keep a tile of sums in registers
+/// across many rows (the group decode kernel, `decode_attention`): `V` is one register of `N` f32
+/// lanes. The methods are only called from code compiled for that set (for the SIMD sets, inside
+/// a `#[target_feature]` function that checked the CPU first); pointers must be valid for `N`
+/// elements.
+pub trait Lanes<E: KvElem> {
+    /// One register.
+    type V: Copy;
+    /// f32 lanes in `V`.
+    const N: usize;
+    /// Whether the set has 32 registers (AVX-512) rather than 16: decides how large a tile of
+    /// sums fits without spilling.
+    const WIDE: bool;
+    fn zero() -> Self::V;
+    fn splat(x: f32) -> Self::V;
+    /// # Safety
+    /// `p` valid for `N` reads.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// `N` cached elements widened to f32.
+    /// # Safety
+    /// `p` valid for `N` reads.
+    unsafe fn load_kv(p: *const E) -> Self::V;
+    /// a * b + c.
+    fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// # Safety
+    /// `p` valid for `N` writes.
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// The lane sums of four registers, in one transposed reduction (cheaper than four
+    /// horizontal sums: the adds are shared).
+    fn hsum4(v: [Self::V; 4]) -> [f32; 4];
+}
+
+/// Four f32 lanes as plain arrays: the portable code, which the compiler vectorises for the
+/// baseline set (SSE2 on x86-64).
+impl<E: KvElem> Lanes<E> for Scalar {
+    type V = [f32; 4];
+    const N: usize = 4;
+    const WIDE: bool = false;
+    #[inline(always)]
+    fn zero() -> [f32; 4] {
+        [0.0; 4]
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> [f32; 4] {
+        [x; 4]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [f32; 4] {
+        std::array::from_fn(|i| *p.add(i))
+    }
+    #[inline(always)]
+    unsafe fn load_kv(p: *const E) -> [f32; 4] {
+        std::array::from_fn(|i| (*p.add(i)).to_f32())
+    }
+    #[inline(always)]
+    fn fma(a: [f32; 4], b: [f32; 4], c: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: [f32; 4]) {
+        for (i, x) in v.into_iter().enumerate() {
+            *p.add(i) = x;
+        }
+    }
+    #[inline(always)]
+    fn hsum4(v: [[f32; 4]; 4]) -> [f32; 4] {
+        v.map(|x| (x[0] + x[1]) + (x[2] + x[3]))
+    }
+}
+
+/// Asks for the 64-byte lines of `len` elements from `p` to be brought towards the core (x86's
+/// `prefetcht0`; nothing elsewhere). A prefetch never faults and reads nothing visible.
+#[inline(always)]
+pub fn prefetch_row<T>(p: *const T, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = len * std::mem::size_of::<T>();
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: a prefetch neither faults nor reads architecturally; SSE is in the
+            // x86-64 baseline.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    (p as *const i8).wrapping_add(off),
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
 #[cfg(target_arch = "x86_64")]
 pub use x86::{Avx2, Avx512};
 /// Elsewhere the SIMD sets are never detected; the names stand for the portable code.
@@ -147,7 +244,7 @@ pub type Avx512 = Scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KvElem, RowOps};
+    use super::{KvElem, Lanes, RowOps};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -353,6 +450,137 @@ mod x86 {
         };
     }
 
+    /// Lane sums of four 8-lane registers: [Σa, Σb, Σc, Σd] with three `vhaddps` and one add
+    /// of the two 128-bit halves.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum4_8(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        let ab = _mm256_hadd_ps(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
+        let cd = _mm256_hadd_ps(c, d);
+        let abcd = _mm256_hadd_ps(ab, cd); // a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
+        _mm_add_ps(
+            _mm256_castps256_ps128(abcd),
+            _mm256_extractf128_ps::<1>(abcd),
+        )
+    }
+
+    /// A 16-lane register folded to 8 lanes (low half + high half).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn fold16(v: __m512) -> __m256 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        _mm256_add_ps(_mm512_castps512_ps256(v), hi)
+    }
+
+    macro_rules! lanes {
+        ($set:ty, $v:ty, $n:expr, $wide:expr, $t:ty, $ldkv:ident,
+         $zero:ident, $splat:ident, $load:ident, $fma:ident, $store:ident, $hsum4:expr) => {
+            impl Lanes<$t> for $set {
+                type V = $v;
+                const N: usize = $n;
+                const WIDE: bool = $wide;
+                #[inline(always)]
+                fn zero() -> $v {
+                    // SAFETY (all methods): only called from code compiled for this set, entered
+                    // after the CPU was checked (`Isa::detect` / `Isa::available`).
+                    unsafe { $zero() }
+                }
+                #[inline(always)]
+                fn splat(x: f32) -> $v {
+                    unsafe { $splat(x) }
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> $v {
+                    $load(p)
+                }
+                #[inline(always)]
+                unsafe fn load_kv(p: *const $t) -> $v {
+                    $ldkv(p)
+                }
+                #[inline(always)]
+                fn fma(a: $v, b: $v, c: $v) -> $v {
+                    unsafe { $fma(a, b, c) }
+                }
+                #[inline(always)]
+                unsafe fn store(p: *mut f32, v: $v) {
+                    $store(p, v)
+                }
+                #[inline(always)]
+                fn hsum4(v: [$v; 4]) -> [f32; 4] {
+                    let mut out = [0f32; 4];
+                    unsafe { _mm_storeu_ps(out.as_mut_ptr(), $hsum4(v)) };
+                    out
+                }
+            }
+        };
+    }
+
+    #[inline(always)]
+    unsafe fn hsum4_avx2(v: [__m256; 4]) -> __m128 {
+        hsum4_8(v[0], v[1], v[2], v[3])
+    }
+    #[inline(always)]
+    unsafe fn hsum4_avx512(v: [__m512; 4]) -> __m128 {
+        hsum4_8(fold16(v[0]), fold16(v[1]), fold16(v[2]), fold16(v[3]))
+    }
+
+    lanes!(
+        Avx2,
+        __m256,
+        8,
+        false,
+        f32,
+        ld8_f32,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps,
+        hsum4_avx2
+    );
+    lanes!(
+        Avx2,
+        __m256,
+        8,
+        false,
+        f16,
+        ld8_f16,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps,
+        hsum4_avx2
+    );
+    lanes!(
+        Avx512,
+        __m512,
+        16,
+        true,
+        f32,
+        ld16_f32,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps,
+        hsum4_avx512
+    );
+    lanes!(
+        Avx512,
+        __m512,
+        16,
+        true,
+        f16,
+        ld16_f16,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps,
+        hsum4_avx512
+    );
+
     avx2_rows!(f32, ld8_f32, dot8_f32, axpy8_f32, load8_f32);
     avx2_rows!(f16, ld8_f16, dot8_f16, axpy8_f16, load8_f16);
     avx512_rows!(f32, ld16_f32, dot16_f32, axpy16_f32, load16_f32);
@@ -363,17 +591,26 @@ mod x86 {
 /// x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error
 /// < 2e-7 on that interval), 2^n assembled in the exponent bits. Below -87 (and for -inf, a
 /// masked score) the result is exactly 0.
+///
+/// n is rounded, and read back as an integer, by adding 1.5 * 2^23: the sum's low mantissa bits
+/// then hold n in two's complement (the classic "magic number" rounding). `round()` and `n as
+/// i32` did the same, but a float-to-int `as` saturates and maps NaN to 0, which the compiler
+/// wrote as a scalar convert and two conditional moves per lane: it was a fifth of the decode
+/// kernel's time (issue 20).
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     let xc = x.max(-87.0);
-    let n = (xc * std::f32::consts::LOG2_E).round();
+    let t = xc * std::f32::consts::LOG2_E + MAGIC; // round to nearest: n in [-126, 0]
+    let n = t - MAGIC;
     // ln 2 split in a part exact in f32 and the remainder (Cody & Waite), so r stays accurate.
     let r = (xc - n * 0.693_145_75) - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // t's bits minus MAGIC's are n (as a wrapped u32); + 127 is 2^n's biased exponent.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {
@@ -462,6 +699,72 @@ mod tests {
             }
             if sets.contains(&Isa::Avx512) {
                 rows_agree::<Avx512>("avx512");
+            }
+        }
+    }
+
+    /// Four registers of `O` filled from f16 rows, multiplied by f32 rows, summed in lanes.
+    fn lanes_agree<O: Lanes<f32> + Lanes<f16>>(name: &str) {
+        let n = <O as Lanes<f32>>::N;
+        let q: Vec<f32> = (0..4 * n)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+            .collect();
+        let k32: Vec<f32> = (0..4 * n)
+            .map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.75)
+            .collect();
+        let k16: Vec<f16> = k32.iter().map(|&x| f16::from_f32(x)).collect();
+        let want: Vec<f32> = (0..4)
+            .map(|r| (0..n).map(|i| q[r * n + i] * k32[r * n + i]).sum::<f32>() + 0.5)
+            .collect();
+        // SAFETY: each pointer has n elements from r * n; `O` is a set this CPU has (the caller
+        // checked), and code compiled for the baseline may call it: the methods are compiled
+        // for their set.
+        let (g32, g16) = unsafe {
+            let f32s: [<O as Lanes<f32>>::V; 4] = std::array::from_fn(|r| {
+                let a = <O as Lanes<f32>>::load(q.as_ptr().add(r * n));
+                let b = <O as Lanes<f32>>::load_kv(k32.as_ptr().add(r * n));
+                <O as Lanes<f32>>::fma(a, b, <O as Lanes<f32>>::splat(0.5 / n as f32))
+            });
+            let f16s: [<O as Lanes<f16>>::V; 4] = std::array::from_fn(|r| {
+                let a = <O as Lanes<f16>>::load(q.as_ptr().add(r * n));
+                let b = <O as Lanes<f16>>::load_kv(k16.as_ptr().add(r * n));
+                <O as Lanes<f16>>::fma(a, b, <O as Lanes<f16>>::splat(0.5 / n as f32))
+            });
+            let mut back = vec![0f32; n];
+            <O as Lanes<f16>>::store(back.as_mut_ptr(), f16s[0]);
+            let first: f32 = back.iter().sum();
+            assert!(
+                (first - want[0]).abs() < 1e-4,
+                "{name} store: {first} vs {}",
+                want[0]
+            );
+            (
+                <O as Lanes<f32>>::hsum4(f32s),
+                <O as Lanes<f16>>::hsum4(f16s),
+            )
+        };
+        for r in 0..4 {
+            for got in [g32[r], g16[r]] {
+                assert!(
+                    (got - want[r]).abs() < 1e-4,
+                    "{name} hsum4 row {r}: {got} vs {}",
+                    want[r]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_of_every_available_set_sum_like_plain_loops() {
+        let sets = Isa::available();
+        lanes_agree::<Scalar>("scalar");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if sets.contains(&Isa::Avx2) {
+                lanes_agree::<Avx2>("avx2");
+            }
+            if sets.contains(&Isa::Avx512) {
+                lanes_agree::<Avx512>("avx512");
             }
         }
     }
