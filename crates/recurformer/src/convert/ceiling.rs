@@ -319,7 +319,11 @@ pub fn check_plan(
         s.window,
         set.cases.len()
     ));
-    let marks = |v: &[bool]| v.iter().map(|&x| if x { '1' } else { '.' }).collect::<String>();
+    let marks = |v: &[bool]| {
+        v.iter()
+            .map(|&x| if x { '1' } else { '.' })
+            .collect::<String>()
+    };
     progress(&format!(
         "per prompt, in order (1 = exact): base {}, plan {}",
         marks(&base_ok),
