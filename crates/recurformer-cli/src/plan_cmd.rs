@@ -233,12 +233,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 .start_from
                 .as_ref()
                 .expect("no budget only with --start-from");
-            let text = recurformer::formats::io::read_text(
-                path,
-                recurformer::formats::io::JSON_FILE_LIMIT,
-            )?;
-            serde_json::from_str::<recurformer::model::plan::Plan>(&text)
-                .with_context(|| format!("{} is not a valid plan file", path.display()))?
+            // Checked against the report's shape below.
+            recurformer::model::plan::Plan::read(path)?
         }
         (Rank::Harm, Some(Budget::Fraction(f))) => {
             let ranking = match (args.rank_from.is_empty(), &base) {

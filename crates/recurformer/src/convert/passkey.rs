@@ -140,15 +140,6 @@ impl PromptFamily {
             PromptFamily::Varied => "varied",
         }
     }
-
-    /// Parses [`PromptFamily::name`].
-    pub fn parse(s: &str) -> Result<PromptFamily> {
-        match s {
-            "passkey" => Ok(PromptFamily::Passkey),
-            "varied" => Ok(PromptFamily::Varied),
-            _ => bail!("unknown prompt family {s:?} (passkey or varied)"),
-        }
-    }
 }
 
 /// Token pieces that frame the haystack: before it, and after it up to the key's answer.
@@ -234,16 +225,26 @@ pub fn family_cases(
         .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
     let mut cases = Vec::with_capacity(o.prompts);
+    // Per wording, tokenised once: (intro, question) framing and the needle's text before and
+    // after the key.
+    let pieces = wordings
+        .iter()
+        .map(|w| {
+            let (before, after) = w
+                .needle
+                .split_once("{key}")
+                .expect("the needle names {key}");
+            Ok((
+                framing(tok, w, o.chat)?,
+                (tok.encode(before, false)?, tok.encode(after, false)?),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
     for n in 0..o.prompts {
         let w = &wordings[n % wordings.len()];
+        let ((intro, question), (nb, na)) = &pieces[n % wordings.len()];
         let h = (n + n / wordings.len()) % hay_count;
         let haystack = haystacks[h];
-        let (intro, question) = framing(tok, w, o.chat)?;
-        let (before, after) = w
-            .needle
-            .split_once("{key}")
-            .expect("the needle names {key}");
-        let (nb, na) = (tok.encode(before, false)?, tok.encode(after, false)?);
         let digits = match family {
             PromptFamily::Passkey => o.key_digits,
             PromptFamily::Varied => o.key_digits - 1 + rng.random_range(0..3usize),

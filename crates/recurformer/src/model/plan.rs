@@ -785,11 +785,16 @@ impl Plan {
         Ok(())
     }
 
+    /// Reads `plan.json` as it is, not yet checked against any model.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = crate::formats::io::read_text(path, crate::formats::io::JSON_FILE_LIMIT)?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid plan file", path.display()))
+    }
+
     /// Reads `plan.json`, validates it against `cfg` and recomputes `predicted_cache`.
     pub fn load(path: &Path, cfg: &ModelConfig) -> Result<Self> {
-        let text = crate::formats::io::read_text(path, crate::formats::io::JSON_FILE_LIMIT)?;
-        let mut plan: Plan = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid plan file", path.display()))?;
+        let mut plan = Plan::read(path)?;
         plan.validate(cfg)
             .with_context(|| format!("{} does not fit the model", path.display()))?;
         plan.refresh_predicted_cache();
