@@ -49,10 +49,17 @@ pub struct TrainArgs {
     #[arg(long)]
     pub teacher: Option<PathBuf>,
     /// Training text: plain-text files, JSONL files ("text" field, or "ids" for pre-tokenised
-    /// records) or directories of them. Defaults to the five Austen novels other than
-    /// Persuasion plus the Paul Graham essays (data/text/); for --resume, to the saved inputs.
+    /// records) or directories of them. Without it, the text domains of data/text/ in the
+    /// proportions of --mix; for --resume, the saved inputs.
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    /// Training mix of the text domains under data/text/ when no --data is given, as
+    /// `name=share,...` (domains: fiction, essays, scripture, technical, code, encyclopedic):
+    /// each domain's training documents, in a seeded order, take that share of the training
+    /// tokens. Default: fiction=0.4,scripture=0.15,technical=0.15,code=0.15,encyclopedic=0.15
+    /// (fresh runs; on --resume the saved mix).
+    #[arg(long, conflicts_with = "data")]
+    pub mix: Option<String>,
     /// Held-out text for the held-out loss (documents never trained on). Defaults to Persuasion
     /// with the default data; with --data alone, --heldout-fraction of its documents.
     #[arg(long, num_args = 1..)]
@@ -217,17 +224,20 @@ fn apply_flags(cfg: &mut TrainConfig, a: &TrainArgs) {
     }
 }
 
-fn default_train_files() -> Vec<PathBuf> {
-    recurformer::formats::domains::default_train_files(&recurformer::formats::domains::text_root())
-}
-
 fn default_heldout_files() -> Vec<PathBuf> {
     recurformer::formats::domains::default_heldout_files(&recurformer::formats::domains::text_root())
 }
 
+/// The training text: files, or a mix of the text domains (`--mix`).
+#[derive(Debug, Clone)]
+enum TrainText {
+    Files(Vec<PathBuf>),
+    Mix(String),
+}
+
 /// The documents to train and evaluate on, with the inputs recorded for a later resume.
 fn build_data(
-    train_files: &[PathBuf],
+    text: &TrainText,
     heldout_files: &[PathBuf],
     heldout_fraction: f64,
     seed: u64,
@@ -235,8 +245,37 @@ fn build_data(
     eos: Option<u32>,
     cache: Option<&Path>,
 ) -> Result<TrainData> {
-    recurformer::formats::domains::check_not_heldout(train_files, "train --data")?;
-    let docs = load_token_documents(train_files, tok, cache)?;
+    use recurformer::formats::domains;
+    let (train_files, docs) = match text {
+        TrainText::Files(files) => {
+            domains::check_not_heldout(files, "train --data")?;
+            (files.clone(), load_token_documents(files, tok, cache)?)
+        }
+        TrainText::Mix(spec) => {
+            let root = domains::text_root();
+            let mut files = Vec::new();
+            let mut parts = Vec::new();
+            for (d, share) in domains::parse_mix(spec)? {
+                let paths = d.train_paths(&root);
+                for p in &paths {
+                    if !p.exists() {
+                        bail!(
+                            "training mix: {} (the {} domain's training text) is missing; run \
+                             scripts/setup.sh",
+                            p.display(),
+                            d.name
+                        );
+                    }
+                }
+                domains::check_not_heldout(&paths, "train --mix")?;
+                let docs = load_token_documents(&paths, tok, cache)?;
+                files.extend(paths);
+                parts.push((d.name.to_string(), share, docs));
+            }
+            (files, recurformer::train::mix_documents(parts, seed)?)
+        }
+    };
+    let train_files = &train_files;
     let (train, held) = if heldout_files.is_empty() {
         split_documents(docs, heldout_fraction, seed)?
     } else {
@@ -263,6 +302,7 @@ fn build_data(
     };
     let mut data = TrainData::new(&train, &held, eos);
     data.inputs = serde_json::json!({
+        "mix": match text { TrainText::Mix(m) => Some(m.as_str()), TrainText::Files(_) => None },
         "train_files": train_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "heldout_files": heldout_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "heldout_fraction": heldout_fraction,
@@ -272,7 +312,7 @@ fn build_data(
 }
 
 /// The files a saved run was given, from `train_state.json`'s `data_sources.inputs`.
-fn saved_inputs(st: &TrainState) -> Result<(Vec<PathBuf>, Vec<PathBuf>, f64)> {
+fn saved_inputs(st: &TrainState) -> Result<(TrainText, Vec<PathBuf>, f64)> {
     let inp = &st.data_sources["inputs"];
     let files = |key: &str| -> Vec<PathBuf> {
         inp[key]
@@ -284,10 +324,18 @@ fn saved_inputs(st: &TrainState) -> Result<(Vec<PathBuf>, Vec<PathBuf>, f64)> {
             })
             .unwrap_or_default()
     };
-    let train = files("train_files");
-    if train.is_empty() {
-        bail!("the checkpoint does not record its training files; pass --data (and --heldout)");
-    }
+    let train = match inp["mix"].as_str() {
+        Some(m) => TrainText::Mix(m.to_string()),
+        None => {
+            let train = files("train_files");
+            if train.is_empty() {
+                bail!(
+                    "the checkpoint does not record its training files; pass --data (and --heldout)"
+                );
+            }
+            TrainText::Files(train)
+        }
+    };
     Ok((
         train,
         files("heldout_files"),
@@ -391,26 +439,41 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let teacher = recurformer::checkpoint::loader::load(&teacher_path)?;
 
     // Data.
-    let (train_files, heldout_files, fraction) = if !args.data.is_empty() {
+    let (train_text, heldout_files, fraction) = if !args.data.is_empty() {
         (
-            args.data.clone(),
+            TrainText::Files(args.data.clone()),
             args.heldout.clone(),
             args.heldout_fraction,
         )
     } else if let Some(rp) = &resume {
-        saved_inputs(&rp.state)?
+        let saved = saved_inputs(&rp.state)?;
+        if let Some(m) = &args.mix {
+            let same = matches!(&saved.0, TrainText::Mix(s) if s == m);
+            if !same {
+                bail!(
+                    "--mix {m:?} differs from the checkpoint's training text ({:?}); a resume \
+                     continues on the saved data",
+                    saved.0
+                );
+            }
+        }
+        saved
     } else {
         let h = if args.heldout.is_empty() {
             default_heldout_files()
         } else {
             args.heldout.clone()
         };
-        (default_train_files(), h, args.heldout_fraction)
+        let mix = args
+            .mix
+            .clone()
+            .unwrap_or_else(|| recurformer::formats::domains::DEFAULT_MIX.to_string());
+        (TrainText::Mix(mix), h, args.heldout_fraction)
     };
     let t0 = std::time::Instant::now();
     let eos = loaded.model.cfg.eos_token_ids.first().copied();
     let data = build_data(
-        &train_files,
+        &train_text,
         &heldout_files,
         fraction,
         start_cfg.seed,

@@ -126,6 +126,51 @@ pub fn load_token_documents(
     Ok(docs)
 }
 
+/// The training documents of a mix: each part's documents in a seeded order, taken until the
+/// part holds its share of the tokens (the last one cut short), so that the stream is exactly in
+/// the mix's proportions. The part whose text is smallest for its share is used whole and fixes
+/// the total; the others contribute a seeded selection of their documents. `parts` holds (name,
+/// share, documents); shares need not sum to 1. A cut document keeps its source unchanged (so
+/// rules keyed on it, such as `TrainData::retrieval_ok`, still apply).
+pub fn mix_documents(
+    parts: Vec<(String, f64, Vec<TokenDocument>)>,
+    seed: u64,
+) -> Result<Vec<TokenDocument>> {
+    ensure!(!parts.is_empty(), "a training mix needs at least one part");
+    let total_share: f64 = parts.iter().map(|p| p.1).sum();
+    let mut budget = f64::INFINITY;
+    for (name, share, docs) in &parts {
+        ensure!(
+            share.is_finite() && *share > 0.0,
+            "the share of {name} in the training mix is {share}, not positive"
+        );
+        let n: usize = docs.iter().map(|d| d.ids.len()).sum();
+        ensure!(n > 0, "the {name} part of the training mix holds no tokens");
+        budget = budget.min(n as f64 * total_share / share);
+    }
+    let mut out = Vec::new();
+    for (k, (name, share, mut docs)) in parts.into_iter().enumerate() {
+        let quota = (budget * share / total_share).round() as usize;
+        let mut rng = SplitMix64(mix(seed, fnv64(name.as_bytes(), k as u64)));
+        for i in (1..docs.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            docs.swap(i, j);
+        }
+        let mut have = 0usize;
+        for mut d in docs {
+            if have >= quota {
+                break;
+            }
+            if have + d.ids.len() > quota {
+                d.ids.truncate(quota - have);
+            }
+            have += d.ids.len();
+            out.push(d);
+        }
+    }
+    Ok(out)
+}
+
 /// Splits `docs` into (train, held-out) by document: round(`fraction` x documents), at least one
 /// and at most all but one, chosen by a seeded shuffle. For when no held-out files are named.
 pub fn split_documents(

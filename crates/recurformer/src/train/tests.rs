@@ -254,3 +254,59 @@ fn budgets_split_between_stages() {
     assert_eq!(d.steps, Some(75));
     assert_eq!(d.seconds, Some(500.0));
 }
+
+#[test]
+fn a_mix_takes_each_part_in_its_share_of_the_tokens() {
+    let docs = |tag: &str, sizes: &[usize]| -> Vec<TokenDocument> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| TokenDocument {
+                source: format!("{tag}{i}"),
+                ids: vec![i as u32; n],
+            })
+            .collect()
+    };
+    let parts = || {
+        vec![
+            ("a".to_string(), 0.5, docs("a", &[300, 100, 200])), // 600 tokens: fixes the total
+            ("b".to_string(), 0.25, docs("b", &[1000, 1000, 1000])),
+            ("c".to_string(), 0.25, docs("c", &[50; 40])),
+        ]
+    };
+    let out = mix_documents(parts(), 7).unwrap();
+    let count = |tag: &str| -> usize {
+        out.iter()
+            .filter(|d| d.source.starts_with(tag))
+            .map(|d| d.ids.len())
+            .sum()
+    };
+    // a is used whole; b and c get half of a's tokens each (0.25 / 0.5).
+    assert_eq!((count("a"), count("b"), count("c")), (600, 300, 300));
+    // Whole documents until the quota, the last one cut: c takes six documents.
+    assert_eq!(out.iter().filter(|d| d.source.starts_with('c')).count(), 6);
+    // Seeded: the same seed gives the same documents, another seed another selection of b.
+    let again = mix_documents(parts(), 7).unwrap();
+    assert_eq!(
+        out.iter().map(|d| &d.source).collect::<Vec<_>>(),
+        again.iter().map(|d| &d.source).collect::<Vec<_>>()
+    );
+    let picks = |seed: u64| -> Vec<String> {
+        mix_documents(parts(), seed)
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.source.starts_with('c'))
+            .map(|d| d.source)
+            .collect()
+    };
+    assert!((0..8).any(|s| picks(s) != picks(7)));
+    // Bad shares and empty parts are refused by name.
+    let mut bad = parts();
+    bad[1].1 = 0.0;
+    let e = format!("{:#}", mix_documents(bad, 0).unwrap_err());
+    assert!(e.contains("share of b"), "{e}");
+    let mut empty = parts();
+    empty[2].2.clear();
+    let e = format!("{:#}", mix_documents(empty, 0).unwrap_err());
+    assert!(e.contains("c part"), "{e}");
+}
