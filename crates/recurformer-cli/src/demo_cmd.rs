@@ -157,6 +157,7 @@ struct Paths {
     converted: PathBuf,
     trained: PathBuf,
     eval_ppl: PathBuf,
+    eval_domains: PathBuf,
     eval_tasks: PathBuf,
     bench: PathBuf,
 }
@@ -170,6 +171,7 @@ impl Paths {
             converted: out.join("converted"),
             trained: out.join("trained"),
             eval_ppl: out.join("eval_perplexity"),
+            eval_domains: out.join("eval_domains"),
             eval_tasks: out.join("eval_retrieval"),
             bench: out.join("bench"),
         }
@@ -338,6 +340,25 @@ fn stages(a: &DemoArgs, base: &Path, ps: &Paths) -> Vec<Stage> {
                 .build(),
             outputs: vec![ps.eval_ppl.join("eval.json")],
             estimate_s: if q { 10.0 } else { 270.0 },
+        },
+        Stage {
+            name: "eval-domains",
+            what: "held-out perplexity per text domain: base, untrained, trained",
+            // Two 2K windows from the start of each domain's held-out stream (4,096 tokens per
+            // domain and model); BENCHMARKS.md "Held-out perplexity per domain" uses eight.
+            args: cmd("eval")
+                .models(&[base, &ps.converted, &ps.trained])
+                .flag("--tasks", &["perplexity"])
+                .flag("--domains", &[] as &[&str])
+                .sizes(
+                    &["--context", "2048", "--limit", "2"],
+                    &["--context", "128", "--limit", "1"],
+                )
+                .path("--out", &ps.eval_domains)
+                .threads(a.threads)
+                .build(),
+            outputs: vec![ps.eval_domains.join("eval.json")],
+            estimate_s: if q { 15.0 } else { 200.0 },
         },
         Stage {
             name: "eval-retrieval",
@@ -707,6 +728,40 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// The per-domain perplexity table of `eval --domains` with base, untrained and trained models.
+fn domain_table(ev: &Value) -> String {
+    let res = ev["results"].as_array().cloned().unwrap_or_default();
+    let at = |mi: usize, di: usize, k: &str| {
+        res.get(mi)
+            .and_then(|r| r["perplexity_domains"][di]["perplexity"][0][k].as_f64())
+    };
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    let mut md = String::from(
+        "\nHeld-out perplexity per text domain (documents held out of every training and \
+         calibration set; README, \"Text domains\"):\n\n\
+         | domain | context | windows | base | converted, untrained | trained | trained vs base |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let domains = res
+        .first()
+        .and_then(|r| r["perplexity_domains"].as_array().cloned())
+        .unwrap_or_default();
+    for (di, d) in domains.iter().enumerate() {
+        let p = &d["perplexity"][0];
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | **{}** |\n",
+            d["domain"].as_str().unwrap_or("-"),
+            p["context"],
+            p["windows"],
+            f(at(0, di, "ppl")),
+            f(at(1, di, "ppl")),
+            f(at(2, di, "ppl")),
+            ratio(at(2, di, "ppl"), at(0, di, "ppl")),
+        ));
+    }
+    md
+}
+
 fn report(
     a: &DemoArgs,
     base: &Path,
@@ -822,6 +877,9 @@ fn report(
             ),
         ));
     }
+    md.push_str(&domain_table(&read_json(
+        &ps.eval_domains.join("eval.json"),
+    )?));
     let tres = tasks["results"].as_array().cloned().unwrap_or_default();
     // Exact match with its Wilson interval; the McNemar test of the trained model against the base.
     let acc = |mi: usize, task: &str| {

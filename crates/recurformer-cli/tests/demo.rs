@@ -30,12 +30,13 @@ fn json(path: &Path) -> Result<Value> {
     )?)
 }
 
-const STAGES: [&str; 7] = [
+const STAGES: [&str; 8] = [
     "analyze",
     "plan",
     "convert",
     "train",
     "eval-perplexity",
+    "eval-domains",
     "eval-retrieval",
     "bench",
 ];
@@ -106,6 +107,28 @@ fn quick_demo_runs_end_to_end_and_reuses_finished_stages() -> Result<()> {
     for r in res {
         let p = r["perplexity"][0]["ppl"].as_f64().context("ppl")?;
         assert!(p.is_finite() && p > 1.0, "{r}");
+    }
+    // Per-domain perplexity: every held-out domain for all three models, and its table in the
+    // report (one row per domain, the trained-vs-base ratio filled in).
+    let dom = json(&out.join("eval_domains/eval.json"))?;
+    let dres = dom["results"].as_array().context("domain results")?;
+    assert_eq!(dres.len(), 3);
+    let names: Vec<&str> = dres[0]["perplexity_domains"]
+        .as_array()
+        .context("perplexity_domains")?
+        .iter()
+        .filter_map(|d| d["domain"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["fiction", "scripture", "technical", "code", "encyclopedic"]
+    );
+    for name in names {
+        let row = report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} | 128 | 1 |")))
+            .with_context(|| format!("no {name} row in the domain table:\n{report}"))?;
+        assert!(row.ends_with("x** |"), "{row}");
     }
     // Retrieval: teacher-forced by default, exact match with its interval and the McNemar test of
     // trained vs base in the report's answer, the induction probe for both models.
