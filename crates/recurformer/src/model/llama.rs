@@ -372,7 +372,7 @@ pub struct Model {
     pub norm: RmsNorm,
     pub lm_head: Tensor, // (v, d); the embedding itself when tied
     /// A quantised copy of the LM head for inference (`model::quant`); None in f32.
-    pub lm_head_q: Option<candle_core::quantized::QMatMul>,
+    pub lm_head_q: Option<crate::model::kernels::q8_gemv::QWeight>,
     pub rope: Rope,
     pub device: Device,
     /// Element type of the KV caches `new_cache` makes (`--kv`); f32 unless set.

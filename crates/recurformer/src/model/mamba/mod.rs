@@ -37,9 +37,10 @@
 
 use crate::formats::weights::Weights;
 use crate::model::cache::RecurrentState;
+use crate::model::kernels::q8_gemv::QWeight;
 use crate::model::options::ForwardOptions;
 use anyhow::{bail, ensure, Result};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use scan::{per_head, proj, softplus, ssm_step};
@@ -203,7 +204,7 @@ pub struct MambaMixer {
     /// The decode step's projections [x_proj; B_proj; C_proj; dt_proj; z_proj] stacked into one
     /// quantised matrix, (C_ch + n + n*P, d), for inference ([`MambaMixer::quantize`]); None in
     /// f32 (always in training). Not a parameter: never saved, rebuilt from the f32 weights.
-    pub step_proj: Option<QMatMul>,
+    pub step_proj: Option<QWeight>,
 }
 
 impl MambaMixer {
@@ -562,7 +563,7 @@ impl MambaMixer {
             0,
         )?; // (C_ch + n + n*P, d)
         let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
-        self.step_proj = Some(QMatMul::from_arc(std::sync::Arc::new(q))?);
+        self.step_proj = Some(QWeight::new(q)?);
         Ok(true)
     }
 
