@@ -16,6 +16,13 @@
 //! whatever the number of rows), the 8-bit products use AVX2 (`vpmaddubsw` on |w| and x with w's
 //! sign, as GGML's AVX2 path does), chosen at run time, with a portable scalar fallback; output
 //! rows are split across candle's worker pool when the matrix is large enough to pay for it.
+//!
+//! On CPUs with AVX-512 VNNI a second, tiled kernel takes the same matrices ([`packed_matmul`],
+//! issue 22): the row kernel spends about nine instructions per 32 weights and row of x, so in a
+//! batched decode step each extra sequence cost almost a whole single step; the tiled kernel
+//! holds a copy of each matrix in 16-row tiles ([`QWeight`]) and multiplies 4 inputs into 16
+//! rows' sums per `vpdpbusd`. Same integer block sums, so the same results up to the order of
+//! the f32 sums (BENCHMARKS.md, "Batched decode after the tiled q8_0 kernel").
 
 use crate::model::kernels::simd::Isa;
 use anyhow::Result;
