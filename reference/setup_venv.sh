@@ -9,7 +9,12 @@
 # Versions are pinned in reference/requirements.txt (accelerate: transformers needs it to load a GGUF). torch comes from the default index (a CUDA
 # build of ~5.6 GB that runs on CPU; ~2.5 min to install). llama-cpp-python has no wheel for this
 # platform on the default index and is compiled from source (~5 min on 2 cores; needs gcc/g++,
-# cmake comes in as a build dependency).
+# cmake comes in as a build dependency), with the llama.cpp it bundles built portable
+# (CMAKE_ARGS=-DGGML_NATIVE=OFF, below: no -march=native) and CMAKE_BUILD_PARALLEL_LEVEL=2.
+# Its server extras (uvicorn, fastapi, sse-starlette, starlette-context, pydantic-settings,
+# PyYAML: `python -m llama_cpp.server`, the llama.cpp column of scripts/bench_serve.py) are pinned
+# in requirements.txt too; on a venv that has llama-cpp-python already they install in seconds
+# without rebuilding it.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -80,6 +85,7 @@ venv_complete || die "venv still does not satisfy $req after install"
 "$py" - <<'EOF'
 from importlib.metadata import version
 import torch, transformers, accelerate, gguf, numpy, safetensors, llama_cpp  # noqa: F401  (all import)
+import llama_cpp.server.app  # noqa: F401  (the [server] extras are complete)
 print("[setup_venv] ok:", ", ".join(f"{p} {version(p)}" for p in
       ("torch", "transformers", "gguf", "llama_cpp_python", "numpy", "safetensors")))
 EOF

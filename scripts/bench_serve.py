@@ -6,7 +6,8 @@ Standard library only (HTTP and server-sent events by hand), so it needs no virt
 
     python3 scripts/bench_serve.py --binary target/release/recurformer \
         --model data/models/smollm2-135m-instruct-q4_1.gguf --model runs/rf50 \
-        --streams 1 2 4 8 --prompt-tokens 256 --max-tokens 64 --threads 2 --out runs/bench_serve.json
+        --streams 1 2 4 8 --prompt-tokens 256 --max-tokens 64 --threads 2 --out runs/bench_serve.json \
+        --llama-cpp reference/.venv/bin/python    # llama.cpp's server on the first model (a GGUF)
 
 Every stream sends a different prompt of about --prompt-tokens tokens (Austen text, so no prefix
 is shared) and asks for exactly --max-tokens tokens (greedy; `ignore_eos` is not part of the API,
@@ -63,6 +64,38 @@ def start_server(binary, model, threads, parallel, extra):
         if time.time() > deadline:
             raise SystemExit("server never became healthy")
         time.sleep(0.2)
+    return p, addr
+
+
+def start_llama_cpp(python, gguf, threads, n_ctx):
+    """llama.cpp's server as llama-cpp-python ships it (`python -m llama_cpp.server`, the
+    `[server]` extras, installed by reference/setup_venv.sh), on the same GGUF and thread count.
+    It serves one request at a time (requests queue behind a lock; `--interrupt_requests False`
+    so that a new request waits instead of cutting off the running one)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+           "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+           "--n_ctx", str(n_ctx), "--interrupt_requests", "False", "--verbose", "False"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    threading.Thread(target=lambda: [sys.stderr.write("[llama.cpp] " + line)
+                                     for line in p.stderr], daemon=True).start()
+    addr = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(addr + "/v1/models", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except Exception:
+            pass
+        if p.poll() is not None:
+            raise SystemExit(f"llama.cpp server exited with {p.returncode}: {cmd}")
+        if time.time() > deadline:
+            raise SystemExit("llama.cpp server never answered")
+        time.sleep(0.5)
     return p, addr
 
 
@@ -177,6 +210,12 @@ def main():
                     help="also count the sequences of this many tokens admitted at once "
                          "(start the server with --server-arg=--cache-memory=...)")
     ap.add_argument("--capacity-requests", type=int, default=16)
+    ap.add_argument("--llama-cpp", metavar="PYTHON",
+                    help="also run llama.cpp's server (llama-cpp-python[server]) with this Python "
+                         "(e.g. reference/.venv/bin/python) on the first --model, which must be "
+                         "a GGUF, with the same threads, prompts and streams, after ours")
+    ap.add_argument("--llama-cpp-ctx", type=int, default=4096,
+                    help="llama.cpp's context size (it serves one request at a time)")
     ap.add_argument("--out")
     a = ap.parse_args()
     text = open(a.text, encoding="utf-8").read()
@@ -216,17 +255,47 @@ def main():
         finally:
             p.send_signal(signal.SIGTERM)
             p.wait()
+    if a.llama_cpp:
+        gguf = a.model[0]
+        if not gguf.endswith(".gguf"):
+            raise SystemExit(f"--llama-cpp needs the first --model to be a GGUF, got {gguf}")
+        p, addr = start_llama_cpp(a.llama_cpp, gguf, a.threads, a.llama_cpp_ctx)
+        try:
+            with urllib.request.urlopen(addr + "/v1/models") as r:
+                model_id = json.load(r)["data"][0]["id"]
+            run_level(addr, model_id, 1, 32, 4, text)  # warm-up
+            levels = []
+            for n in a.streams:
+                lv = run_level(addr, model_id, n, a.prompt_tokens, a.max_tokens, text)
+                levels.append(lv)
+                print(f"llama.cpp {gguf} streams {n}: {lv['aggregate_decode_tok_s']:.1f} tok/s "
+                      f"aggregate, TTFT p50 {lv['ttft_p50_s']:.2f} s p95 {lv['ttft_p95_s']:.2f} s, "
+                      f"TPOT p50 {1000 * lv['tpot_p50_s']:.1f} ms p95 {1000 * lv['tpot_p95_s']:.1f} ms",
+                      flush=True)
+            report["llama_cpp"] = {"model": gguf, "levels": levels,
+                                   "peak_rss_bytes": peak_rss(p.pid)}
+            print(f"llama.cpp: peak RSS {peak_rss(p.pid) / 2**20:.0f} MiB", flush=True)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
     report["load_average_at_end"] = os.getloadavg()
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(report, f, indent=2)
-    base = report["models"][0]["levels"]
-    one = next((lv for lv in base if lv["streams"] == 1), None)
-    if one:
-        for lv in base:
-            print(f"{a.model[0]}: {lv['streams']} streams = "
-                  f"{lv['aggregate_decode_tok_s'] / one['aggregate_decode_tok_s']:.2f}x one stream")
+    runs = [(m["model"], m["levels"]) for m in report["models"]]
+    if "llama_cpp" in report:
+        runs.append(("llama.cpp " + report["llama_cpp"]["model"], report["llama_cpp"]["levels"]))
+    for name, levels in runs:
+        one = next((lv for lv in levels if lv["streams"] == 1), None)
+        if one:
+            for lv in levels:
+                print(f"{name}: {lv['streams']} streams = "
+                      f"{lv['aggregate_decode_tok_s'] / one['aggregate_decode_tok_s']:.2f}x one stream")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ fn q8_0_decode_kernel_matches_candle_on_every_instruction_set() -> Result<()> {
         // More rows than the kernel takes: candle's matmul (prefill).
         let x = Tensor::randn(0f32, 1.0, (q8_gemv::MAX_ROWS + 1, k), &dev)?;
         assert!(q8_gemv::q8_0_matmul_on(Isa::detect(), &q, &x)?.is_none());
-        let y = q8_gemv::qmatmul(&q, &x)?;
+        let y = q8_gemv::qmatmul_q(&q, &x)?;
         assert_eq!(y.dims(), &[q8_gemv::MAX_ROWS + 1, n]);
         // An input of the wrong width is refused with both shapes named.
         let bad = Tensor::randn(0f32, 1.0, (1, k + 32), &dev)?;
@@ -325,6 +325,103 @@ fn freeing_the_f32_copies_keeps_the_function_and_refuses_saving() -> Result<()> 
             assert_eq!(freed_too, freed, "{name} {what}");
             let again = at_once.forward(&ids, &mut at_once.new_cache(1, 4))?;
             assert_eq!(max_abs_diff(&after, &again)?, 0.0, "{name} {what}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn q8_0_tiled_kernel_matches_the_exact_sum_and_the_row_kernel() -> Result<()> {
+    // The tiled kernel (16-row tiles, `vpdpbusd` on x + 128 with the weights' sums taken back
+    // off) against the exact arithmetic of GGML's Q8_0 x Q8_0 and against the row kernel, which
+    // does the same arithmetic (only the order of the f32 sums may differ: a few ulps).
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use recurformer::model::kernels::{q8_gemv, simd::Isa};
+    let dev = Device::Cpu;
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let e = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        let n = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        Ok((e / n) as f64)
+    };
+    // Whole tiles, tiles plus a tail of 5 rows, the default model's 576 -> 1536 (split over the
+    // worker pool), one tile only, and a 4096-row head.
+    for (n, k) in [
+        (16usize, 64usize),
+        (37, 576),
+        (1536, 576),
+        (576, 576),
+        (4096, 576),
+    ] {
+        // Values that reach the ends of the 8-bit range in both operands: the +128 offset
+        // makes x up to 255, so the integer sums must not saturate.
+        let mut w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        if n == 37 {
+            w = w.sign()?.affine(0.05, 0.0)?; // every weight at +-127 after rounding
+        }
+        let t = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let wd = t.dequantize(&dev)?;
+        let packed = q8_gemv::PackedQ8_0::pack(&t)?;
+        let qw = q8_gemv::QWeight::new(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        let q = QMatMul::from_arc(std::sync::Arc::new(t))?;
+        if !q8_gemv::vnni() {
+            // No AVX-512 VNNI here: nothing is tiled, and the matmul is the row kernel's.
+            assert_eq!(qw.packed_bytes(), 0);
+        } else {
+            assert!(packed.is_some() && qw.packed_bytes() >= (n / 16) * 16 * k);
+        }
+        for m in 1..=q8_gemv::MAX_ROWS {
+            let mut x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            if m == 3 {
+                x = x.sign()?; // every block's values at +-127
+            }
+            let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let xd: Vec<f32> = xv
+                .chunks(32)
+                .flat_map(|b| {
+                    let d = b.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let d16 = half::f16::from_f32(d).to_f32();
+                    b.iter()
+                        .map(move |v| (v * id).round() * d16)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let exact = Tensor::from_vec(xd, (m, k), &dev)?.matmul(&wd.t()?)?;
+            let rows = q8_gemv::q8_0_matmul_on(Isa::Scalar, &q, &x)?.expect("q8_0, <= 8 rows");
+            let through = q8_gemv::qmatmul(&qw, &x)?;
+            assert_eq!(through.dims(), &[m, n]);
+            let e = rel(&through, &exact)?;
+            assert!(e < 1e-5, "({n}, {k}) m {m}: qmatmul {e} from the exact sum");
+            let Some(p) = &packed else { continue };
+            let got = q8_gemv::packed_matmul(p, &x)?.expect("f32 rows on the CPU, <= 8");
+            assert_eq!(got.dims(), &[m, n]);
+            let e_exact = rel(&got, &exact)?;
+            let e_rows = rel(&got, &rows)?;
+            println!("({n}, {k}) m {m}: {e_exact:.2e} from the exact sum, {e_rows:.2e} from the row kernel");
+            assert!(
+                e_exact < 1e-5,
+                "({n}, {k}) m {m}: {e_exact} from the exact sum"
+            );
+            assert!(
+                e_rows < 1e-5,
+                "({n}, {k}) m {m}: {e_rows} from the row kernel"
+            );
+            // The same rows give the same outputs whatever else is in the call (each row's
+            // sums are its own), so a batched step cannot mix sequences.
+            let one = q8_gemv::packed_matmul(p, &x.narrow(0, m - 1, 1)?)?.expect("one row");
+            assert_eq!(
+                max_abs_diff(&one, &got.narrow(0, m - 1, 1)?)?,
+                0.0,
+                "({n}, {k}) m {m}: last row alone differs"
+            );
+        }
+        if let Some(p) = &packed {
+            // More rows than the kernel takes, and an input of the wrong width.
+            let x = Tensor::randn(0f32, 1.0, (q8_gemv::MAX_ROWS + 1, k), &dev)?;
+            assert!(q8_gemv::packed_matmul(p, &x)?.is_none());
+            let bad = Tensor::randn(0f32, 1.0, (1, k + 32), &dev)?;
+            let e = q8_gemv::packed_matmul(p, &bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("({n}, {k})")), "{e}");
         }
     }
     Ok(())

@@ -4,9 +4,10 @@
 
 use crate::formats::config::{ModelConfig, RopeScaling};
 use crate::formats::weights::Weights;
+use crate::model::kernels::q8_gemv::QWeight;
 use crate::model::options::ForwardOptions;
 use anyhow::Result;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 #[derive(Debug, Clone)]
@@ -17,7 +18,7 @@ pub struct Linear {
     /// A quantised copy of `weight` that inference forwards use instead of it
     /// ([`crate::model::quant`]); None for f32 (always in training, which needs the gradients
     /// of the f32 path).
-    pub quant: Option<QMatMul>,
+    pub quant: Option<QWeight>,
 }
 
 impl Linear {
@@ -37,7 +38,7 @@ impl Linear {
             return Ok(false);
         }
         let q = QTensor::quantize(&self.weight, dtype)?;
-        self.quant = Some(QMatMul::from_arc(std::sync::Arc::new(q))?);
+        self.quant = Some(QWeight::new(q)?);
         Ok(true)
     }
 

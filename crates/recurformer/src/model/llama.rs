@@ -239,7 +239,7 @@ impl DecoderLayer {
         x: &Tensor,
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
-        let (n, _, _) = x.dims3()?;
+        let (_n, _, _) = x.dims3()?; // (n, 1, d)
         let opts = ForwardOptions::default();
         let h = self.input_layernorm.forward(x, &opts)?; // (n, 1, d)
         let mut parts = Vec::with_capacity(2);
@@ -254,17 +254,17 @@ impl DecoderLayer {
             parts.push(attn.heads_step_batch(rope, cos, sin, &h, &mut kvs)?); // (n, 1, kept*hd)
         }
         if let Some(mixer) = &self.mixer {
-            // One step per sequence on its own state: the mixer's projections are small, and
-            // row by row they take the matrix-vector path (see `layers::matmul_rows`).
-            let mut ys = Vec::with_capacity(n);
-            for (i, c) in caches.iter_mut().enumerate() {
-                let st = c
-                    .recurrent
-                    .as_mut()
-                    .context("layer cache has no recurrent state for the mixer")?;
-                ys.push(mixer.step(&h.narrow(0, i, 1)?, st)?); // (1, 1, replaced*hd)
-            }
-            let mut y = Tensor::cat(&ys, 0)?; // (n, 1, replaced*hd)
+            // The stacked projection once for all rows, the scan step per sequence on its own
+            // state.
+            let mut sts = caches
+                .iter_mut()
+                .map(|c| {
+                    c.recurrent
+                        .as_mut()
+                        .context("layer cache has no recurrent state for the mixer")
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut y = mixer.step_batch(&h, &mut sts)?; // (n, 1, replaced*hd)
             if let Some(local) = &self.local {
                 let mut wkvs = caches
                     .iter_mut()
@@ -372,7 +372,7 @@ pub struct Model {
     pub norm: RmsNorm,
     pub lm_head: Tensor, // (v, d); the embedding itself when tied
     /// A quantised copy of the LM head for inference (`model::quant`); None in f32.
-    pub lm_head_q: Option<candle_core::quantized::QMatMul>,
+    pub lm_head_q: Option<crate::model::kernels::q8_gemv::QWeight>,
     pub rope: Rope,
     pub device: Device,
     /// Element type of the KV caches `new_cache` makes (`--kv`); f32 unless set.

@@ -14,9 +14,10 @@
 //! which. Activations are quantised per row by the kernel (to Q8_0 / Q8_K), as in llama.cpp.
 //! Training never quantises: the f32 weights stay, and gradients flow through them only.
 
+use crate::model::kernels::q8_gemv::QWeight;
 use crate::model::llama::{DecoderLayer, Model};
 use anyhow::{bail, Result};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 
 /// The weight format of an inference run (`--weights`).
@@ -207,7 +208,7 @@ impl Model {
         s.bytes_f32 += 4 * v * d;
         if d % dtype.block_size() == 0 {
             let q = QTensor::quantize(&self.lm_head, dtype)?;
-            self.lm_head_q = Some(QMatMul::from_arc(std::sync::Arc::new(q))?);
+            self.lm_head_q = Some(QWeight::new(q)?);
             s.quantized += 1;
             s.quantized_weights += v * d;
             s.bytes_after += bytes_of(dtype, v * d);

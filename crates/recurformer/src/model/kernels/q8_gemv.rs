@@ -16,10 +16,17 @@
 //! whatever the number of rows), the 8-bit products use AVX2 (`vpmaddubsw` on |w| and x with w's
 //! sign, as GGML's AVX2 path does), chosen at run time, with a portable scalar fallback; output
 //! rows are split across candle's worker pool when the matrix is large enough to pay for it.
+//!
+//! On CPUs with AVX-512 VNNI a second, tiled kernel takes the same matrices ([`packed_matmul`],
+//! issue 22): the row kernel spends about nine instructions per 32 weights and row of x, so in a
+//! batched decode step each extra sequence cost almost a whole single step; the tiled kernel
+//! holds a copy of each matrix in 16-row tiles ([`QWeight`]) and multiplies 4 inputs into 16
+//! rows' sums per `vpdpbusd`. Same integer block sums, so the same results up to the order of
+//! the f32 sums (BENCHMARKS.md, "Batched decode after the tiled q8_0 kernel").
 
 use crate::model::kernels::simd::Isa;
 use anyhow::Result;
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Tensor};
 use half::f16;
 
@@ -46,6 +53,16 @@ fn disabled() -> bool {
     })
 }
 
+/// Whether the tiled kernel ([`packed_matmul`]) is switched off in favour of the row kernel:
+/// set `RECURFORMER_ROW_Q8_GEMV=1` to time or check the path before it. Read once, when a
+/// matrix is quantised.
+fn tiled_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| {
+        std::env::var("RECURFORMER_ROW_Q8_GEMV").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
 /// Whether candle's x86 fast path (repacked tiles, VNNI) takes a q8_0 matrix with `k` inputs,
 /// whatever the number of rows (candle-core 0.11.1, `quantized/repack_x86.rs` `select`). It
 /// rounds x per 256 values (Q8_K) where GGML's Q8_0 rounds per 32, so a decode step through the
@@ -69,10 +86,50 @@ fn candle_repacks(k: usize) -> bool {
     }
 }
 
-/// `x Wᵀ` through `q`: x (m, k) -> (m, n), with the kernel here when it applies (q8_0 weights,
-/// f32 x on the CPU, 1..=MAX_ROWS rows, a matrix candle does not repack) and candle's quantised
-/// matmul otherwise.
-pub fn qmatmul(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
+/// A quantised weight matrix as inference runs it: candle's `QMatMul`, and for a q8_0 matrix on
+/// a CPU with AVX-512 VNNI that candle does not repack, a copy of its blocks in 16-row tiles for
+/// [`packed_matmul`] (issue 22: the batched decode step).
+#[derive(Debug, Clone)]
+pub struct QWeight {
+    pub q: QMatMul,
+    packed: Option<std::sync::Arc<PackedQ8_0>>,
+}
+
+impl QWeight {
+    /// Wraps a quantised matrix, packing its tiles when the tiled kernel will take it.
+    pub fn new(t: QTensor) -> Result<Self> {
+        let q = QMatMul::from_arc(std::sync::Arc::new(t))?;
+        let packed = match &q {
+            QMatMul::QTensor(w) if vnni() && !disabled() && !tiled_off() => PackedQ8_0::pack(w)?,
+            _ => None,
+        }
+        .map(std::sync::Arc::new);
+        Ok(QWeight { q, packed })
+    }
+
+    /// Bytes of the tiled copy (0 when there is none).
+    pub fn packed_bytes(&self) -> usize {
+        self.packed
+            .as_ref()
+            .map_or(0, |p| p.tiles.len() * std::mem::size_of::<Tile>())
+    }
+}
+
+/// `x Wᵀ` through `w`: x (m, k) -> (m, n), with the tiled kernel when `w` has tiles and m is at
+/// most [`MAX_ROWS`], else as [`qmatmul_q`].
+pub fn qmatmul(w: &QWeight, x: &Tensor) -> Result<Tensor> {
+    if let Some(p) = &w.packed {
+        if let Some(y) = packed_matmul(p, x)? {
+            return Ok(y);
+        }
+    }
+    qmatmul_q(&w.q, x)
+}
+
+/// `x Wᵀ` through `q`: x (m, k) -> (m, n), with the row kernel here when it applies (q8_0
+/// weights, f32 x on the CPU, 1..=MAX_ROWS rows, a matrix candle does not repack) and candle's
+/// quantised matmul otherwise.
+pub fn qmatmul_q(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let k = x.dims().last().copied().unwrap_or(0);
     if !disabled() && !candle_repacks(k) {
         if let Some(y) = q8_0_matmul_on(Isa::detect(), q, x)? {
@@ -204,6 +261,178 @@ fn gemv_rows_scalar(w: &[u8], kb: usize, x: &QuantRows, m: usize, out: &mut [f32
     }
 }
 
+/// Whether the tiled kernel can run here: AVX-512 F, BW and VNNI (`vpdpbusd`), and the kernels'
+/// instruction set not capped below AVX-512 (`RECURFORMER_ISA`). Read once.
+pub fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            Isa::detect() == Isa::Avx512
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Output rows per tile: one 512-bit register of f32 sums.
+const TILE_N: usize = 16;
+
+/// One block of 32 inputs for 16 output rows of a q8_0 matrix, laid out for `vpdpbusd`: each
+/// 64-byte group of `qs` holds 4 consecutive weights of each of the 16 rows, so one instruction
+/// multiplies 4 inputs (broadcast) into all 16 rows' sums.
+#[repr(C, align(64))]
+#[derive(Clone)]
+struct Tile {
+    /// [group of 4 inputs (8)][row (16)][4]: the weights as stored (signed).
+    qs: [i8; QK * TILE_N],
+    /// Each row's block scale (the f16 of the file, widened).
+    d: [f32; TILE_N],
+    /// 128 × the sum of each row's 32 weights: `vpdpbusd` multiplies unsigned by signed bytes,
+    /// so x goes in offset by +128 and this term comes off the integer sum, which is then
+    /// exactly GGML's.
+    wsum128: [i32; TILE_N],
+}
+
+/// A q8_0 matrix (n, k) in [`Tile`]s: `tiles[t * kb + b]` holds rows 16t..16t+16, block b. The
+/// last n % 16 rows are not tiled; the row kernel does them from the original blocks.
+#[derive(Clone)]
+pub struct PackedQ8_0 {
+    n: usize,
+    k: usize,
+    tiles: Vec<Tile>,
+    /// The original blocks of the untiled last rows.
+    tail: Vec<u8>,
+}
+
+impl std::fmt::Debug for PackedQ8_0 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedQ8_0({}, {})", self.n, self.k)
+    }
+}
+
+impl PackedQ8_0 {
+    /// The tiles of `w`; None for a matrix the tiled kernel does not take (not q8_0, not 2-D,
+    /// fewer than 16 rows, inputs not a multiple of 32, or one that candle repacks itself).
+    pub fn pack(w: &QTensor) -> Result<Option<Self>> {
+        let Ok((n, k)) = w.shape().dims2() else {
+            return Ok(None);
+        };
+        if w.dtype() != GgmlDType::Q8_0 || n < TILE_N || k % QK != 0 || candle_repacks(k) {
+            return Ok(None);
+        }
+        let data = w.data()?;
+        let kb = k / QK;
+        if data.len() != n * kb * BLOCK_BYTES {
+            anyhow::bail!(
+                "q8_0 matrix ({n}, {k}) holds {} bytes, expected {}",
+                data.len(),
+                n * kb * BLOCK_BYTES
+            );
+        }
+        let nt = n / TILE_N;
+        let mut tiles = Vec::with_capacity(nt * kb);
+        for t in 0..nt {
+            for b in 0..kb {
+                let mut tile = Tile {
+                    qs: [0; QK * TILE_N],
+                    d: [0.0; TILE_N],
+                    wsum128: [0; TILE_N],
+                };
+                for r in 0..TILE_N {
+                    let off = ((t * TILE_N + r) * kb + b) * BLOCK_BYTES;
+                    let blk = &data[off..off + BLOCK_BYTES];
+                    tile.d[r] = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    let mut sum = 0i32;
+                    for (i, &v) in blk[2..].iter().enumerate() {
+                        let v = v as i8;
+                        tile.qs[((i / 4) * TILE_N + r) * 4 + i % 4] = v;
+                        sum += v as i32;
+                    }
+                    tile.wsum128[r] = 128 * sum;
+                }
+                tiles.push(tile);
+            }
+        }
+        let tail = data[nt * TILE_N * kb * BLOCK_BYTES..].to_vec();
+        Ok(Some(PackedQ8_0 { n, k, tiles, tail }))
+    }
+}
+
+/// `x Wᵀ` for 1..=[`MAX_ROWS`] f32 rows of x on the CPU against a tiled q8_0 matrix: the same
+/// arithmetic as the row kernel (x rounded per block of 32 as GGML's Q8_0, exact integer block
+/// sums, each scaled by both blocks' scales and summed in f32), with each 16 × 32 tile of
+/// weights read once per call and multiplied into 16 rows' sums by one `vpdpbusd` per 4 inputs
+/// and row of x. None when it does not apply (other shapes, dtypes or devices; more rows).
+pub fn packed_matmul(p: &PackedQ8_0, x: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || !vnni() {
+        return Ok(None);
+    }
+    let Ok((m, k)) = x.dims2() else {
+        return Ok(None);
+    };
+    if m == 0 || m > MAX_ROWS {
+        return Ok(None);
+    }
+    if k != p.k {
+        anyhow::bail!(
+            "q8_0 matmul: input has {k} columns, the weight matrix is ({}, {})",
+            p.n,
+            p.k
+        );
+    }
+    let n = p.n;
+    let kb = k / QK;
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let xq = quantize_rows(&xs, m, k);
+    // x + 128 as unsigned bytes: the operand `vpdpbusd` takes unsigned.
+    let xu: Vec<u8> = xq.qs.iter().map(|&v| (v as u8) ^ 0x80).collect();
+    let mut y = vec![0f32; m * n];
+    let nt = n / TILE_N;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let y_ptr = y.as_mut_ptr() as usize;
+        let run = |range: std::ops::Range<usize>| {
+            for t in range {
+                let tiles = &p.tiles[t * kb..(t + 1) * kb];
+                // SAFETY: `vnni()` checked the instructions; each tile writes its own 16 columns
+                // of `y`, which outlives the call; the row pointers stay inside xu / xq.d / y.
+                unsafe {
+                    x86::tile_rows(
+                        tiles,
+                        &xu,
+                        &xq.d,
+                        m,
+                        k,
+                        (y_ptr as *mut f32).add(t * TILE_N),
+                        n,
+                    )
+                };
+            }
+        };
+        if n * k >= PARALLEL_MIN_WEIGHTS {
+            candle_core::utils::barrier_pool().execute_chunked(nt, run);
+        } else {
+            run(0..nt);
+        }
+    }
+    let tail_rows = n - nt * TILE_N;
+    if tail_rows > 0 {
+        let mut yt = vec![0f32; tail_rows * m];
+        gemv_rows(Isa::detect(), &p.tail, kb, &xq, m, &mut yt);
+        for j in 0..tail_rows {
+            for r in 0..m {
+                y[r * n + nt * TILE_N + j] = yt[j * m + r];
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{QuantRows, BLOCK_BYTES, MAX_ROWS, QK};
@@ -278,6 +507,82 @@ mod x86 {
                 }
                 r0 += left.min(4);
             }
+        }
+    }
+
+    /// One tile row (16 output rows, all `kb` blocks) against M rows of x: `xu` / `xd` point at
+    /// the first of the M rows, `out` at its first output of the tile; rows of `out` are `n`
+    /// apart.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_dots<const M: usize>(
+        tiles: &[super::Tile],
+        xu: *const u8,
+        xd: *const f32,
+        k: usize,
+        kb: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); M];
+        for (b, t) in tiles.iter().enumerate() {
+            // Two integer sums per row (even and odd groups) so that one row's `vpdpbusd`s do
+            // not wait on each other; both exact, added at the end of the block.
+            let mut ia = [_mm512_setzero_si512(); M];
+            let mut ib = [_mm512_setzero_si512(); M];
+            for g in (0..8).step_by(2) {
+                let wa = _mm512_load_si512(t.qs.as_ptr().add(g * 64) as *const _);
+                let wb = _mm512_load_si512(t.qs.as_ptr().add((g + 1) * 64) as *const _);
+                for r in 0..M {
+                    let px = xu.add(r * k + b * QK + g * 4);
+                    let xa = _mm512_set1_epi32((px as *const i32).read_unaligned());
+                    let xb = _mm512_set1_epi32((px.add(4) as *const i32).read_unaligned());
+                    ia[r] = _mm512_dpbusd_epi32(ia[r], xa, wa);
+                    ib[r] = _mm512_dpbusd_epi32(ib[r], xb, wb);
+                }
+            }
+            let dw = _mm512_load_ps(t.d.as_ptr());
+            let corr = _mm512_load_si512(t.wsum128.as_ptr() as *const _);
+            for r in 0..M {
+                let isum = _mm512_sub_epi32(_mm512_add_epi32(ia[r], ib[r]), corr);
+                let s = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.add(r * kb + b)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[r]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * n), *a);
+        }
+    }
+
+    /// All m rows of x against one tile row, in groups of up to 4 rows (each group's sums stay
+    /// in registers; the tile row is read once per group, from cache after the first).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_rows(
+        tiles: &[super::Tile],
+        xu: &[u8],
+        xd: &[f32],
+        m: usize,
+        k: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        debug_assert!(xu.len() >= m * k && xd.len() >= m * (k / QK));
+        let kb = k / QK;
+        let mut r0 = 0;
+        while r0 < m {
+            let left = m - r0;
+            let (pu, pd, po) = (
+                xu.as_ptr().add(r0 * k),
+                xd.as_ptr().add(r0 * kb),
+                out.add(r0 * n),
+            );
+            match left {
+                1 => tile_dots::<1>(tiles, pu, pd, k, kb, po, n),
+                2 => tile_dots::<2>(tiles, pu, pd, k, kb, po, n),
+                3 => tile_dots::<3>(tiles, pu, pd, k, kb, po, n),
+                _ => tile_dots::<4>(tiles, pu, pd, k, kb, po, n),
+            }
+            r0 += left.min(4);
         }
     }
 }

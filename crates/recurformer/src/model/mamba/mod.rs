@@ -37,9 +37,10 @@
 
 use crate::formats::weights::Weights;
 use crate::model::cache::RecurrentState;
+use crate::model::kernels::q8_gemv::QWeight;
 use crate::model::options::ForwardOptions;
 use anyhow::{bail, ensure, Result};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use scan::{per_head, proj, softplus, ssm_step};
@@ -203,7 +204,7 @@ pub struct MambaMixer {
     /// The decode step's projections [x_proj; B_proj; C_proj; dt_proj; z_proj] stacked into one
     /// quantised matrix, (C_ch + n + n*P, d), for inference ([`MambaMixer::quantize`]); None in
     /// f32 (always in training). Not a parameter: never saved, rebuilt from the f32 weights.
-    pub step_proj: Option<QMatMul>,
+    pub step_proj: Option<QWeight>,
 }
 
 impl MambaMixer {
@@ -562,7 +563,7 @@ impl MambaMixer {
             0,
         )?; // (C_ch + n + n*P, d)
         let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
-        self.step_proj = Some(QMatMul::from_arc(std::sync::Arc::new(q))?);
+        self.step_proj = Some(QWeight::new(q)?);
         Ok(true)
     }
 
@@ -628,6 +629,67 @@ impl MambaMixer {
             c.d_model
         );
         self.check_state(state, bsz)?;
+        let proj = self.step_projections(&u2)?.contiguous()?; // (bsz, C_ch + n + n*P)
+        let out = self.advance(isa, &proj, state)?; // (bsz, n*P)
+        Ok(if three { out.unsqueeze(1)? } else { out })
+    }
+
+    /// One decode step of n sequences, each on its own state (the rows of a batched decode
+    /// step): u (n, 1, d) -> (n, 1, n_heads*P). The stacked projection runs once for all rows
+    /// (one pass over its weights), the conv and scan step per sequence on its own state. Same
+    /// function as [`MambaMixer::step`] on each row.
+    pub fn step_batch(&self, u: &Tensor, states: &mut [&mut RecurrentState]) -> Result<Tensor> {
+        let (n, t, d) = u.dims3()?;
+        ensure!(
+            t == 1 && states.len() == n,
+            "a batched mixer step takes one token per sequence: got {t} tokens for {n} rows and \
+             {} states",
+            states.len()
+        );
+        let fast = u.device().is_cpu()
+            && u.dtype() == DType::F32
+            && !crate::model::kernels::graph_kernels()
+            && !u.track_op()
+            && self
+                .params()
+                .iter()
+                .all(|t| t.dtype() == DType::F32 && !t.track_op());
+        if !fast {
+            let ys = states
+                .iter_mut()
+                .enumerate()
+                .map(|(i, st)| self.step(&u.narrow(0, i, 1)?, st))
+                .collect::<Result<Vec<_>>>()?; // n x (1, 1, n_heads*P)
+            return Ok(Tensor::cat(&ys, 0)?);
+        }
+        ensure!(
+            d == self.cfg.d_model,
+            "mixer input has hidden size {d}, expected {}",
+            self.cfg.d_model
+        );
+        for st in states.iter() {
+            self.check_state(st, 1)?;
+        }
+        let isa = crate::model::kernels::simd::Isa::detect();
+        let proj = self.step_projections(&u.reshape((n, d))?)?; // (n, C_ch + n_heads + n_heads*P)
+        let ys = states
+            .iter_mut()
+            .enumerate()
+            .map(|(i, st)| self.advance(isa, &proj.narrow(0, i, 1)?.contiguous()?, st))
+            .collect::<Result<Vec<_>>>()?; // n x (1, n_heads*P)
+        Ok(Tensor::cat(&ys, 0)?.unsqueeze(1)?) // (n, 1, n_heads*P)
+    }
+
+    /// The part of a decode step after the projections: `proj` (bsz, C_ch + n + n*P), already
+    /// computed, advances `state` (conv, scan step, gate, norm in one kernel) -> (bsz, n*P).
+    fn advance(
+        &self,
+        isa: crate::model::kernels::simd::Isa,
+        proj: &Tensor,
+        state: &mut RecurrentState,
+    ) -> Result<Tensor> {
+        let (bsz, _) = proj.dims2()?;
+        let c = self.cfg;
         let dims = step::StepDims {
             bsz,
             n_groups: c.n_groups,
@@ -636,7 +698,6 @@ impl MambaMixer {
             state_size: c.state_size,
             conv_kernel: c.conv_kernel,
         };
-        let proj = self.step_projections(&u2)?.contiguous()?; // (bsz, C_ch + n + n*P)
         let conv = state.conv.to_dtype(DType::F32)?.contiguous()?; // (bsz, C_ch, K-1)
                                                                    // The new SSM state starts as a copy of the old one and advances in place: the old
                                                                    // tensor may be shared with a forked cache.
@@ -694,11 +755,10 @@ impl MambaMixer {
             }
             step::mixer_step_on(isa, &dims, &params, bufs, NORM_EPS as f32);
         }
-        let dev = u.device();
+        let dev = proj.device();
         state.conv = Tensor::from_vec(new_conv, conv.shape(), dev)?;
         state.ssm = Tensor::from_vec(ssm, state.ssm.shape(), dev)?;
-        let out = Tensor::from_vec(out, (bsz, c.n_heads() * c.head_dim), dev)?; // (bsz, n*P)
-        Ok(if three { out.unsqueeze(1)? } else { out })
+        Ok(Tensor::from_vec(out, (bsz, c.n_heads() * c.head_dim), dev)?) // (bsz, n*P)
     }
 
     /// One decode step as candle ops (the reference of the kernel [`MambaMixer::step`] runs):
