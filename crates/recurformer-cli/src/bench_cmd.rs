@@ -92,8 +92,7 @@ struct WorkerReport {
 pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
     use recurformer::eval::bench::{bench_point, tokens_at_least};
     a.model.apply_threads();
-    let mut loaded = recurformer::checkpoint::loader::load(&a.model.path())?;
-    a.weights.apply(&mut loaded.model)?;
+    let loaded = a.weights.load(&a.model.path())?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
     let max_ctx = a.contexts.iter().copied().max().unwrap_or(0);

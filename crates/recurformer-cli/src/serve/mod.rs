@@ -125,8 +125,7 @@ pub fn load_ready(
     opts: EngineOptions,
     metrics: Arc<Metrics>,
 ) -> Result<Ready> {
-    let mut loaded: LoadedModel = recurformer::checkpoint::loader::load(path)?;
-    weights.apply(&mut loaded.model)?;
+    let loaded: LoadedModel = weights.load(path)?;
     start_ready(Arc::new(loaded), opts, metrics)
 }
 
