@@ -419,3 +419,57 @@ fn q8_0_embedding_rows_equal_the_dequantised_table() -> Result<()> {
     assert!(e.contains("50") && e.contains("vocabulary of 50"), "{e}");
     Ok(())
 }
+
+#[test]
+fn q8_0_prefill_gemm_matches_candle_and_the_decode_kernel_on_every_instruction_set() -> Result<()> {
+    use candle_core::quantized::QMatMul;
+    use recurformer::model::kernels::q8_gemm::{q8_0_gemm_on, GemmIsa};
+    use recurformer::model::kernels::q8_gemv;
+    use recurformer::model::kernels::simd::Isa;
+    let dev = Device::Cpu;
+    // Edges: rows of x and of W not multiples of the 4 x 4 tile, an odd number of blocks (the
+    // VNNI loop steps over two), and SmolLM2's 576 (18 blocks).
+    for (m, n, k) in [(13, 45, 96), (9, 4, 32), (37, 130, 576), (64, 7, 160)] {
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let q = QMatMul::from_arc(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?))?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let candle = candle_core::Module::forward(&q, &x)?;
+        // The decode kernel, 8 rows at a time: the arithmetic the prefill must reproduce.
+        let rows =
+            (0..m)
+                .step_by(8)
+                .map(|r0| {
+                    let xr = x.narrow(0, r0, 8.min(m - r0))?;
+                    Ok(q8_gemv::q8_0_matmul_on(Isa::detect(), &q, &xr)?
+                        .expect("decode kernel applies"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+        let decode = Tensor::cat(&rows, 0)?;
+        let norm = candle.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        for isa in GemmIsa::available() {
+            let got = q8_0_gemm_on(isa, &q, &x)?.expect("applies");
+            assert_eq!(got.dims(), &[m, n]);
+            // Same integer products and scales, f32 sums in another order: within a few f32
+            // roundings of the largest output (1e-5 relative).
+            let d_candle = max_abs_diff(&got, &candle)? / norm;
+            let d_decode = max_abs_diff(&got, &decode)? / norm;
+            println!("({m}, {n}, {k}) {isa:?}: vs candle {d_candle:.1e}, vs decode kernel {d_decode:.1e}");
+            assert!(
+                d_candle < 1e-5 && d_decode < 1e-5,
+                "({m}, {n}, {k}) {isa:?}"
+            );
+        }
+    }
+    // Decode-sized inputs are not its job; a wrong width is refused with both shapes named.
+    let q = QMatMul::from_arc(std::sync::Arc::new(QTensor::quantize(
+        &Tensor::randn(0f32, 0.05, (8, 64), &dev)?,
+        GgmlDType::Q8_0,
+    )?))?;
+    let isa = GemmIsa::detect();
+    assert!(q8_0_gemm_on(isa, &q, &Tensor::zeros((8, 64), DType::F32, &dev)?)?.is_none());
+    let e = q8_0_gemm_on(isa, &q, &Tensor::zeros((9, 96), DType::F32, &dev)?)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("96") && e.contains("(8, 64)"), "{e}");
+    Ok(())
+}
