@@ -314,6 +314,24 @@ impl DecoderLayer {
         v
     }
 
+    /// The linear layers an inference forward runs (those of [`DecoderLayer::inference_linears_mut`]).
+    pub(crate) fn inference_linears(&self) -> Vec<&Linear> {
+        let mut v: Vec<&Linear> = Vec::new();
+        if let Some(a) = &self.self_attn {
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj]);
+        }
+        if let Some(w) = &self.local {
+            v.extend([&w.q_proj, &w.k_proj, &w.v_proj]);
+        }
+        v.extend([
+            &self.o_proj_run,
+            &self.mlp.gate_proj,
+            &self.mlp.up_proj,
+            &self.mlp.down_proj,
+        ]);
+        v
+    }
+
     /// True when the o_proj the forward runs is quantised.
     pub(crate) fn o_proj_run_quantised(&self) -> bool {
         self.o_proj_run.quant.is_some()

@@ -329,6 +329,58 @@ impl Model {
         Ok(freed + drop_lm_head_f32(self)?)
     }
 
+    /// Bytes of weights one decode step reads, each in the type it runs in: every linear layer
+    /// (its quantised copy when there is one: blocks and scales, as stored), the mixers' stacked
+    /// projections or their five f32 ones and their small f32 parameters (conv, Δ bias, A, D,
+    /// norm), the norms, the LM head and one embedding row. With the cache bytes at a context,
+    /// the bytes a step must bring from memory: `bench` divides the machine's measured memory
+    /// bandwidth by their sum for the decode speed's physical limit (issue 20).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let qbytes = |q: &QMatMul| match q {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        };
+        let lin = |l: &crate::model::layers::Linear| {
+            let w = match &l.quant {
+                Some(q) => qbytes(q),
+                None => 4 * l.weight.elem_count(),
+            };
+            w + l.bias.as_ref().map_or(0, |b| 4 * b.elem_count())
+        };
+        let d = self.cfg.hidden_size;
+        let mut total = 4 * d; // one embedding row (q8_0 when freed: fewer; kept as f32 here)
+        for layer in &self.layers {
+            total += layer
+                .inference_linears()
+                .into_iter()
+                .map(lin)
+                .sum::<usize>();
+            total += 4
+                * (layer.input_layernorm.weight.elem_count()
+                    + layer.post_attention_layernorm.weight.elem_count());
+            if let Some(mx) = &layer.mixer {
+                let all: usize = mx.params().iter().map(|t| t.elem_count()).sum();
+                let proj: usize = [&mx.x_proj, &mx.b_proj, &mx.c_proj, &mx.dt_proj, &mx.z_proj]
+                    .iter()
+                    .map(|t| t.elem_count())
+                    .sum();
+                total += 4 * (all - proj)
+                    + match &mx.step_proj {
+                        Some(q) => qbytes(q),
+                        None => 4 * proj,
+                    };
+            }
+        }
+        total += 4 * self.norm.weight.elem_count();
+        total += match &self.lm_head_q {
+            Some(q) => qbytes(q),
+            None => 4 * self.lm_head.elem_count(),
+        };
+        total
+    }
+
     /// True when some forward runs on quantised weights ([`Model::quantize`]).
     pub fn is_quantized(&self) -> bool {
         self.lm_head_q.is_some() || self.layers.iter().any(|l| l.is_quantized())

@@ -162,6 +162,25 @@ pub(crate) struct QuantRows {
 }
 
 pub(crate) fn quantize_rows(xs: &[f32], m: usize, k: usize) -> QuantRows {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() >= Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (and so SSE4.1).
+        return unsafe { quantize_rows_avx2(xs, m, k) };
+    }
+    quantize_rows_portable(xs, m, k)
+}
+
+/// [`quantize_rows`] compiled for AVX2: the same code, but `f32::round` (half away from zero, as
+/// GGML's `roundf`) becomes an exact add-and-truncate (`vroundps`) instead of a call into libm,
+/// which took 5 % of a 2K-token prefill (perf), and the loops vectorise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,sse4.1")]
+unsafe fn quantize_rows_avx2(xs: &[f32], m: usize, k: usize) -> QuantRows {
+    quantize_rows_portable(xs, m, k)
+}
+
+#[inline(always)]
+fn quantize_rows_portable(xs: &[f32], m: usize, k: usize) -> QuantRows {
     let kb = k / QK;
     let mut d = vec![0f32; m * kb];
     let mut qs = vec![0i8; m * k];
