@@ -559,3 +559,15 @@ pub(crate) fn plot_bench(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_bandwidth_is_a_plausible_rate() {
+        // 32 MiB on two threads, three passes: some hundreds of MB/s at the very least on any
+        // machine that runs this, and below 10 TB/s (a wrong byte count would be off by 8x or
+        // more in one direction or the other).
+        let bw = super::memory_bandwidth(2, 32 << 20, 3);
+        assert!(bw.is_finite() && bw > 2e8 && bw < 1e13, "{bw}");
+    }
+}

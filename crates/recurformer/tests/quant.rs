@@ -473,3 +473,29 @@ fn q8_0_prefill_gemm_matches_candle_and_the_decode_kernel_on_every_instruction_s
     assert!(e.contains("96") && e.contains("(8, 64)"), "{e}");
     Ok(())
 }
+
+#[test]
+fn decode_weight_bytes_count_each_weight_in_the_type_it_runs_in() -> Result<()> {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let m = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (v, d) = (m.cfg.vocab_size, m.cfg.hidden_size);
+        // f32: every parameter once, the embedding table only as one row (a tied table is read
+        // whole as the LM head).
+        let untied_table = if m.cfg.tie_word_embeddings { 0 } else { v * d };
+        let f32_bytes = 4 * (m.num_parameters() - untied_table) + 4 * d;
+        assert_eq!(m.decode_weight_bytes(), f32_bytes, "{name}");
+        // q8_0: the quantised matrices at 34 bytes per 32 weights instead of 128.
+        let (q, s) =
+            recurformer::checkpoint::loader::load_quantized(&fixture(name), WeightFormat::Q8_0)?;
+        assert!(s.quantized > 0);
+        assert_eq!(
+            q.model.decode_weight_bytes(),
+            f32_bytes - s.bytes_f32 + s.bytes_after,
+            "{name}"
+        );
+        if s.kept_f32.is_empty() {
+            assert_eq!(s.bytes_after, s.bytes_f32 / 128 * 34, "{name}");
+        }
+    }
+    Ok(())
+}
