@@ -6,11 +6,11 @@
 //! its speed follows the bytes read, which Q8_0 cuts to 0.27 of f32.
 //!
 //! The Mamba mixers' five projections (x, B, C, Δ, z) are stacked into one quantised matrix per
-//! mixer for the decode step (`MambaMixer::quantize`); prefill runs them in f32.
+//! mixer (`MambaMixer::quantize`), which decode and prefill both read.
 //!
 //! What stays f32: the embedding table unless the weights are q8_0 (then the lookup reads a
 //! q8_0 table, the LM head's own when tied: `drop_lm_head_f32`), the norms, the mixers' conv and
-//! scan and their projections in prefill, and any matrix whose input size is not a multiple of
+//! scan, and any matrix whose input size is not a multiple of
 //! the format's block (e.g. the K-quants on a model with 576-wide layers); [`QuantSummary`] says
 //! which. Activations are quantised per row by the kernel (to Q8_0 / Q8_K), as in llama.cpp.
 //! Training never quantises: the f32 weights stay, and gradients flow through them only.
