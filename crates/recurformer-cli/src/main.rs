@@ -178,7 +178,8 @@ enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streamed or
     /// not): concurrent sequences decoded as one batch, a bounded queue, a cache-memory budget.
     Serve(serve::ServeArgs),
-    /// Measure time to first token, decode speed, cache bytes and peak memory at several context
+    /// Measure time to first token, decode speed (beside its physical limit: bytes read per
+    /// token over the measured memory bandwidth), cache bytes and peak memory at several context
     /// lengths for one or more models (ratios against the first), beside the PyTorch +
     /// transformers reference on the same weights and thread count; tables, JSON and plots.
     Bench(bench_cmd::BenchArgs),
