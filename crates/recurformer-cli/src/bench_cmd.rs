@@ -87,13 +87,16 @@ struct WorkerReport {
     points: Vec<BenchPoint>,
     kv_bytes_per_token: usize,
     state_bytes: usize,
+    /// Bytes of weights a decode step reads, in the types they run in
+    /// (`Model::decode_weight_bytes`).
+    #[serde(default)]
+    weight_bytes_per_token: usize,
 }
 
 pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
     use recurformer::eval::bench::{bench_point, tokens_at_least};
     a.model.apply_threads();
-    let mut loaded = recurformer::checkpoint::loader::load(&a.model.path())?;
-    a.weights.apply(&mut loaded.model)?;
+    let loaded = a.weights.load(&a.model.path())?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
     let max_ctx = a.contexts.iter().copied().max().unwrap_or(0);
@@ -128,6 +131,7 @@ pub(crate) fn bench_worker(a: BenchWorkerArgs) -> Result<()> {
         points,
         kv_bytes_per_token,
         state_bytes,
+        weight_bytes_per_token: loaded.model.decode_weight_bytes(),
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -210,6 +214,13 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| recurformer::repo_root().join("data/text/austen/emma.txt"));
     let exe = std::env::current_exe().context("locating the recurformer binary")?;
+    // Measured here, before any worker starts, so that no model's peak memory includes the
+    // buffer.
+    let bandwidth = memory_bandwidth(threads, 256 << 20, 5);
+    eprintln!(
+        "memory bandwidth: {:.1} GB/s (streaming read of 256 MiB, {threads} thread(s), best of 5)",
+        bandwidth / 1e9
+    );
     let mut reports: Vec<WorkerReport> = Vec::new();
     for r in &runs {
         let (m, w) = (&r.path, r.weights);
@@ -307,18 +318,24 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
     };
     let mut md = format!(
         "{threads} threads, {} decode steps (median), {} fresh prefill(s) per context{}; ratios against the first model.\n\n\
-         | context | model | first token (s) | prefill tok/s | prefill vs first | decode tok/s | decode vs first | cache (KV type) | cache vs first | peak RSS |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         Physical limit of decode: bytes read per decoded token (weights in the types they run in + the cache at that context) \
+         ÷ this machine's memory bandwidth, measured in this run: {:.1} GB/s (streaming read, {threads} thread(s)).\n\n\
+         | context | model | first token (s) | prefill tok/s | prefill vs first | decode tok/s | decode vs first | bytes / token | limit tok/s (decode %) | cache (KV type) | cache vs first | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         a.decode_steps,
         a.repeats,
-        if a.incremental { " (incremental: prefill per segment)" } else { "" }
+        if a.incremental { " (incremental: prefill per segment)" } else { "" },
+        bandwidth / 1e9
     );
     for (ci, &c) in a.contexts.iter().enumerate() {
         let base = &ours[0][ci];
         for (i, pts) in ours.iter().enumerate() {
             let p = &pts[ci];
+            let rep = &reports[i];
+            let bytes = rep.weight_bytes_per_token + rep.kv_bytes_per_token * c + rep.state_bytes;
+            let limit = bandwidth / bytes as f64;
             md.push_str(&format!(
-                "| {c} | {} | {} | {:.1} | {:.2}x | {:.2} | {:.2}x | {} ({}) | {:.3} | {} |\n",
+                "| {c} | {} | {} | {:.1} | {:.2}x | {:.2} | {:.2}x | {} | {:.1} ({:.0} %) | {} ({}) | {:.3} | {} |\n",
                 label(i),
                 p.ttft_s
                     .map(|t| format!("{t:.2}"))
@@ -327,6 +344,9 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
                 p.prefill_tok_s / base.prefill_tok_s,
                 p.decode_tok_s,
                 p.decode_tok_s / base.decode_tok_s,
+                human_bytes(bytes as f64),
+                limit,
+                100.0 * p.decode_tok_s / limit,
                 human_bytes(p.cache_bytes as f64),
                 runs[i].kv,
                 p.cache_bytes as f64 / base.cache_bytes as f64,
@@ -357,7 +377,7 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
                 "f32"
             };
             md.push_str(&format!(
-                "| {c} | {eng} (first model, {how}) | {:.2} | {pf:.1} | {:.2}x | {dc:.2} | {:.2}x | - | - | {} |\n",
+                "| {c} | {eng} (first model, {how}) | {:.2} | {pf:.1} | {:.2}x | {dc:.2} | {:.2}x | - | - | - | - | {} |\n",
                 c as f64 / pf,
                 pf / base.prefill_tok_s,
                 dc / base.decode_tok_s,
@@ -381,6 +401,8 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
             "recurformer": ours,
             "cache_layout": reports.iter().map(|r| serde_json::json!({
                 "kv_bytes_per_token": r.kv_bytes_per_token, "state_bytes": r.state_bytes})).collect::<Vec<_>>(),
+            "decode_weight_bytes": reports.iter().map(|r| r.weight_bytes_per_token).collect::<Vec<_>>(),
+            "memory_bandwidth_bytes_per_s": bandwidth,
             "reference": reference});
         recurformer::formats::io::write_atomic(
             &dir.join("bench.json"),
@@ -400,6 +422,46 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// This machine's memory bandwidth in bytes per second: `threads` threads each sum their share
+/// of a `bytes` buffer (far larger than the caches) as 64-bit words, `passes` times; the best
+/// pass. Decode streams its weights and cache the same way, so this is the rate its bytes can
+/// arrive at.
+pub(crate) fn memory_bandwidth(threads: usize, bytes: usize, passes: usize) -> f64 {
+    let words = bytes / 8;
+    let threads = threads.max(1);
+    // Written once so that every page is really mapped (a zeroed allocation may share one page).
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = 0f64;
+    let mut sink = 0u64;
+    for _ in 0..passes {
+        let t0 = std::time::Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        // Eight independent sums, so the adds keep pace with the loads.
+                        let mut acc = [0u64; 8];
+                        for c in part.chunks_exact(8) {
+                            for (a, &v) in acc.iter_mut().zip(c) {
+                                *a = a.wrapping_add(v);
+                            }
+                        }
+                        acc.iter().fold(0u64, |x, &y| x.wrapping_add(y))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        sink = sums.iter().fold(sink, |x, &y| x.wrapping_add(y));
+        best = best.max((words * 8) as f64 / secs);
+    }
+    std::hint::black_box(sink);
+    best
 }
 
 /// Context lengths as tick labels: 1K, 8K, 128K; other values as numbers.
@@ -496,4 +558,16 @@ pub(crate) fn plot_bench(
         &dir.join("cache_bytes.png"),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_bandwidth_is_a_plausible_rate() {
+        // 32 MiB on two threads, three passes: some hundreds of MB/s at the very least on any
+        // machine that runs this, and below 10 TB/s (a wrong byte count would be off by 8x or
+        // more in one direction or the other).
+        let bw = super::memory_bandwidth(2, 32 << 20, 3);
+        assert!(bw.is_finite() && bw > 2e8 && bw < 1e13, "{bw}");
+    }
 }

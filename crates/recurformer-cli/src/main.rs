@@ -115,10 +115,29 @@ impl WeightArgs {
     /// Quantises `model` as asked, saying what it did on stderr, and sets its KV-cache type. The
     /// commands that take these options only run inference, so the f32 copies of quantised
     /// weights are freed layer by layer as they are quantised (`Model::quantize_for_inference`):
-    /// memory then never holds both copies of the whole model.
+    /// memory then never holds both copies of the whole model. For a model read from a file,
+    /// [`WeightArgs::load`] does better (the f32 weights never coexist at all).
     pub(crate) fn apply(&self, model: &mut recurformer::model::llama::Model) -> Result<()> {
         self.kv.apply(model);
         let (s, freed) = model.quantize_for_inference(self.weights)?;
+        self.report(&s, freed);
+        Ok(())
+    }
+
+    /// Loads the model at `path` for inference in these settings: each layer is quantised as it
+    /// is read and its f32 copy freed (`loader::load_quantized`), so that the load is not the
+    /// peak of memory; says what it did on stderr and sets the KV-cache type.
+    pub(crate) fn load(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<recurformer::checkpoint::loader::LoadedModel> {
+        let (mut loaded, s) = recurformer::checkpoint::loader::load_quantized(path, self.weights)?;
+        self.kv.apply(&mut loaded.model);
+        self.report(&s, s.freed);
+        Ok(loaded)
+    }
+
+    fn report(&self, s: &recurformer::model::quant::QuantSummary, freed: usize) {
         if s.quantized > 0 || !s.kept_f32.is_empty() {
             eprintln!(
                 "weights: {} matrices in {} ({} of matmul weights read per token, {} in f32; \
@@ -139,7 +158,6 @@ impl WeightArgs {
                 }
             );
         }
-        Ok(())
     }
 }
 
@@ -160,7 +178,8 @@ enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streamed or
     /// not): concurrent sequences decoded as one batch, a bounded queue, a cache-memory budget.
     Serve(serve::ServeArgs),
-    /// Measure time to first token, decode speed, cache bytes and peak memory at several context
+    /// Measure time to first token, decode speed (beside its physical limit: bytes read per
+    /// token over the measured memory bandwidth), cache bytes and peak memory at several context
     /// lengths for one or more models (ratios against the first), beside the PyTorch +
     /// transformers reference on the same weights and thread count; tables, JSON and plots.
     Bench(bench_cmd::BenchArgs),
@@ -463,8 +482,7 @@ fn info(args: &ModelArgs, kv: KvArgs, json: bool) -> Result<()> {
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     a.model.apply_threads();
     let path = a.model.path();
-    let mut loaded = recurformer::checkpoint::loader::load(&path)?;
-    a.weights.apply(&mut loaded.model)?;
+    let loaded = a.weights.load(&path)?;
     let tok = loaded.tokenizer()?;
     let prompt = match a.prompt {
         Some(p) => p,

@@ -19,6 +19,8 @@ fn main() -> anyhow::Result<()> {
         .nth(4)
         .map(std::path::PathBuf::from)
         .unwrap_or_else(recurformer::default_model_path);
+    // The tiled q8_0 copy for batched steps, as `serve --parallel N` makes it.
+    recurformer::model::kernels::q8_gemv::set_tiled_packing(true);
     let mut m = recurformer::checkpoint::loader::load(&path)?.model;
     m.quantize_for_inference(weights)?;
     println!("{} in {weights}, ctx {ctx}", path.display());

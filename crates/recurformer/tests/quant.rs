@@ -4,6 +4,7 @@
 
 mod common;
 use anyhow::Result;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
 use recurformer::model::layers::Linear;
@@ -283,7 +284,13 @@ fn freeing_the_f32_copies_keeps_the_function_and_refuses_saving() -> Result<()> 
             let mut at_once = m.clone(); // shares the f32 storage until it is replaced
             m.quantize(WeightFormat::Q8_0)?;
             let params = m.num_parameters();
-            let before = m.forward(&ids, &mut m.new_cache(1, 4))?;
+            // Freeing also moves the embedding lookup onto a q8_0 table (the LM head's when
+            // tied): the function kept is that of the model with its embedding rows rounded to
+            // q8_0 (GGML's dequantisation, value = f16 scale × byte, as candle's).
+            let mut rounded = m.clone();
+            rounded.embed_tokens =
+                QTensor::quantize(&m.embed_tokens, GgmlDType::Q8_0)?.dequantize(&Device::Cpu)?;
+            let before = rounded.forward(&ids, &mut rounded.new_cache(1, 4))?;
             let freed = m.drop_f32_copies()?;
             assert!(m.inference_only);
             // Every layer's matrices and the mixers' projections, 4 bytes a weight.
@@ -305,6 +312,8 @@ fn freeing_the_f32_copies_keeps_the_function_and_refuses_saving() -> Result<()> 
             if !m.cfg.tie_word_embeddings {
                 want += m.lm_head.elem_count();
             }
+            want += m.embed_tokens.elem_count();
+            assert!(m.embed_q.is_some(), "{name} {what}");
             assert_eq!(freed, 4 * want, "{name} {what}");
             // Shapes and counts as before, the same logits bit for bit (forwards never read the
             // f32 copies of quantised weights).
@@ -361,6 +370,7 @@ fn q8_0_tiled_kernel_matches_the_exact_sum_and_the_row_kernel() -> Result<()> {
         let t = QTensor::quantize(&w, GgmlDType::Q8_0)?;
         let wd = t.dequantize(&dev)?;
         let packed = q8_gemv::PackedQ8_0::pack(&t)?;
+        q8_gemv::set_tiled_packing(true);
         let qw = q8_gemv::QWeight::new(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
         let q = QMatMul::from_arc(std::sync::Arc::new(t))?;
         if !q8_gemv::vnni() {
@@ -422,6 +432,167 @@ fn q8_0_tiled_kernel_matches_the_exact_sum_and_the_row_kernel() -> Result<()> {
             let bad = Tensor::randn(0f32, 1.0, (1, k + 32), &dev)?;
             let e = q8_gemv::packed_matmul(p, &bad).unwrap_err().to_string();
             assert!(e.contains(&format!("({n}, {k})")), "{e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn loading_quantised_layer_by_layer_equals_quantising_after_loading() -> Result<()> {
+    use recurformer::checkpoint::loader::{load, load_quantized};
+    use recurformer::convert::init::{convert, ConvertOptions};
+    use recurformer::model::hybrid::{Init, Provenance};
+    use recurformer::model::plan::Plan;
+    let tmp = tempfile::tempdir()?;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (ids, _) = tiny_expected(name)?;
+        // A RecurFormer checkpoint of the same base (one layer all-Mamba), saved as safetensors.
+        let base = load(&fixture(name))?.model;
+        let plan = Plan::from_groups(&base.cfg, &[vec![0], vec![0, 1]])?;
+        let hybrid = convert(
+            &base,
+            &ConvertOptions {
+                plan: &plan,
+                recency: None,
+                init: Init::Random,
+                seed: 5,
+                provenance: Provenance {
+                    base_model: "test".into(),
+                    recurformer_version: "test".into(),
+                    recency: None,
+                    plan_file: None,
+                    seed: 0,
+                    training: vec![],
+                },
+                local: None,
+            },
+        )?;
+        let hdir = tmp.path().join(format!("{name}-hybrid"));
+        recurformer::checkpoint::save::save_checkpoint(&hybrid, None, &hdir)?;
+        for dir in [fixture(name), hdir] {
+            for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::F32] {
+                let mut after = load(&dir)?.model;
+                let (s_after, freed_after) = after.quantize_for_inference(format)?;
+                let (streamed, s) = load_quantized(&dir, format)?;
+                let m = streamed.model;
+                let what = format!("{} {format}", dir.display());
+                assert_eq!(s.quantized, s_after.quantized, "{what}");
+                assert_eq!(s.kept_f32, s_after.kept_f32, "{what}");
+                assert_eq!(s.bytes_after, s_after.bytes_after, "{what}");
+                assert_eq!(s.freed, freed_after, "{what}");
+                assert_eq!(m.inference_only, format != WeightFormat::F32, "{what}");
+                assert_eq!(m.embed_q.is_some(), format == WeightFormat::Q8_0, "{what}");
+                assert_eq!(m.num_parameters(), after.num_parameters(), "{what}");
+                // The same function bit for bit, and cached decode = full forward.
+                let a = after.forward(&ids, &mut after.new_cache(1, 4))?;
+                let b = m.forward(&ids, &mut m.new_cache(1, 4))?;
+                assert_eq!(max_abs_diff(&a, &b)?, 0.0, "{what}");
+                let (full, cached) = full_and_cached(&m, &ids, 2)?;
+                assert!(max_abs_diff(&full, &cached)? <= 1e-4, "{what}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn q8_0_embedding_rows_equal_the_dequantised_table() -> Result<()> {
+    let dev = Device::Cpu;
+    let (v, d) = (50, 96);
+    let table = Tensor::randn(0f32, 1.0, (v, d), &dev)?;
+    let q = QTensor::quantize(&table, GgmlDType::Q8_0)?;
+    let ids = [7u32, 0, 49, 7];
+    let got = recurformer::model::quant::q8_0_rows(&q, &ids, &dev)?;
+    let want = q
+        .dequantize(&dev)?
+        .index_select(&Tensor::new(&ids, &dev)?, 0)?;
+    assert_eq!(got.dims(), &[4, d]);
+    assert_eq!(max_abs_diff(&got, &want)?, 0.0);
+    // And they are the table within q8_0's rounding (half a step of max|row| / 127).
+    let diff = max_abs_diff(&got, &table.index_select(&Tensor::new(&ids, &dev)?, 0)?)?;
+    assert!(diff > 0.0 && diff < 0.5 * 5.0 / 127.0 * 1.01, "{diff}");
+    let e = recurformer::model::quant::q8_0_rows(&q, &[50], &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("50") && e.contains("vocabulary of 50"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn q8_0_prefill_gemm_matches_candle_and_the_decode_kernel_on_every_instruction_set() -> Result<()> {
+    use candle_core::quantized::QMatMul;
+    use recurformer::model::kernels::q8_gemm::{q8_0_gemm_on, GemmIsa};
+    use recurformer::model::kernels::q8_gemv;
+    use recurformer::model::kernels::simd::Isa;
+    let dev = Device::Cpu;
+    // Edges: rows of x and of W not multiples of the 4 x 4 tile, an odd number of blocks (the
+    // VNNI loop steps over two), and SmolLM2's 576 (18 blocks).
+    for (m, n, k) in [(13, 45, 96), (9, 4, 32), (37, 130, 576), (64, 7, 160)] {
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let q = QMatMul::from_arc(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?))?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let candle = candle_core::Module::forward(&q, &x)?;
+        // The decode kernel, 8 rows at a time: the arithmetic the prefill must reproduce.
+        let rows =
+            (0..m)
+                .step_by(8)
+                .map(|r0| {
+                    let xr = x.narrow(0, r0, 8.min(m - r0))?;
+                    Ok(q8_gemv::q8_0_matmul_on(Isa::detect(), &q, &xr)?
+                        .expect("decode kernel applies"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+        let decode = Tensor::cat(&rows, 0)?;
+        let norm = candle.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        for isa in GemmIsa::available() {
+            let got = q8_0_gemm_on(isa, &q, &x)?.expect("applies");
+            assert_eq!(got.dims(), &[m, n]);
+            // Same integer products and scales, f32 sums in another order: within a few f32
+            // roundings of the largest output (1e-5 relative).
+            let d_candle = max_abs_diff(&got, &candle)? / norm;
+            let d_decode = max_abs_diff(&got, &decode)? / norm;
+            println!("({m}, {n}, {k}) {isa:?}: vs candle {d_candle:.1e}, vs decode kernel {d_decode:.1e}");
+            assert!(
+                d_candle < 1e-5 && d_decode < 1e-5,
+                "({m}, {n}, {k}) {isa:?}"
+            );
+        }
+    }
+    // Decode-sized inputs are not its job; a wrong width is refused with both shapes named.
+    let q = QMatMul::from_arc(std::sync::Arc::new(QTensor::quantize(
+        &Tensor::randn(0f32, 0.05, (8, 64), &dev)?,
+        GgmlDType::Q8_0,
+    )?))?;
+    let isa = GemmIsa::detect();
+    assert!(q8_0_gemm_on(isa, &q, &Tensor::zeros((8, 64), DType::F32, &dev)?)?.is_none());
+    let e = q8_0_gemm_on(isa, &q, &Tensor::zeros((9, 96), DType::F32, &dev)?)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("96") && e.contains("(8, 64)"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn decode_weight_bytes_count_each_weight_in_the_type_it_runs_in() -> Result<()> {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let m = recurformer::checkpoint::loader::load(&fixture(name))?.model;
+        let (v, d) = (m.cfg.vocab_size, m.cfg.hidden_size);
+        // f32: every parameter once, the embedding table only as one row (a tied table is read
+        // whole as the LM head).
+        let untied_table = if m.cfg.tie_word_embeddings { 0 } else { v * d };
+        let f32_bytes = 4 * (m.num_parameters() - untied_table) + 4 * d;
+        assert_eq!(m.decode_weight_bytes(), f32_bytes, "{name}");
+        // q8_0: the quantised matrices at 34 bytes per 32 weights instead of 128.
+        let (q, s) =
+            recurformer::checkpoint::loader::load_quantized(&fixture(name), WeightFormat::Q8_0)?;
+        assert!(s.quantized > 0);
+        assert_eq!(
+            q.model.decode_weight_bytes(),
+            f32_bytes - s.bytes_f32 + s.bytes_after,
+            "{name}"
+        );
+        if s.kept_f32.is_empty() {
+            assert_eq!(s.bytes_after, s.bytes_f32 / 128 * 34, "{name}");
         }
     }
     Ok(())

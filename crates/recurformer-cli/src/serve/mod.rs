@@ -125,8 +125,7 @@ pub fn load_ready(
     opts: EngineOptions,
     metrics: Arc<Metrics>,
 ) -> Result<Ready> {
-    let mut loaded: LoadedModel = recurformer::checkpoint::loader::load(path)?;
-    weights.apply(&mut loaded.model)?;
+    let loaded: LoadedModel = weights.load(path)?;
     start_ready(Arc::new(loaded), opts, metrics)
 }
 
@@ -184,6 +183,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if opts.parallel == 0 {
         bail!("--parallel 0: at least one sequence must be able to run");
     }
+    // Several sequences decode in one step: keep the tiled q8_0 copy the batched kernel reads.
+    recurformer::model::kernels::q8_gemv::set_tiled_packing(opts.parallel > 1);
     let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared {
         model_id: a.model_name.clone().unwrap_or_else(|| model_id(&path)),

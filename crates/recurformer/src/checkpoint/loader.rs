@@ -6,6 +6,7 @@ use crate::formats::tokenizer::Tokenizer;
 use crate::formats::weights;
 use crate::model::hybrid::RecurformerSection;
 use crate::model::llama::Model;
+use crate::model::quant::{QuantSummary, WeightFormat};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,14 @@ pub fn load_config(path: &Path) -> Result<ModelConfig> {
 }
 
 pub fn load(path: &Path) -> Result<LoadedModel> {
+    Ok(load_quantized(path, WeightFormat::F32)?.0)
+}
+
+/// [`load`] for inference with the linear layers, mixer projections and LM head in `format`,
+/// each layer quantised as it is read ([`Model::load_hybrid_quantized`]): the f32 weights of the
+/// whole model never coexist in memory. The model is inference-only (it cannot be saved or
+/// trained) unless `format` is f32. Returns what was quantised and how many f32 bytes were freed.
+pub fn load_quantized(path: &Path, format: WeightFormat) -> Result<(LoadedModel, QuantSummary)> {
     if !path.exists() {
         bail!("model path {} does not exist", path.display());
     }
@@ -79,31 +88,40 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
                 );
             }
         }
-        let model = Model::load_hybrid(&w, &cfg, section.as_ref())
+        let (model, summary) = Model::load_hybrid_quantized(&w, &cfg, section.as_ref(), format)
             .with_context(|| format!("loading {}", path.display()))?;
+        drop(w); // unmaps the files
         let tokenizer = if path.join("tokenizer.json").exists() {
             Some(Tokenizer::from_hf_dir(path)?)
         } else {
             None
         };
-        Ok(LoadedModel {
-            model,
-            tokenizer,
-            format: SourceFormat::HfDir,
-            path: path.to_path_buf(),
-        })
+        Ok((
+            LoadedModel {
+                model,
+                tokenizer,
+                format: SourceFormat::HfDir,
+                path: path.to_path_buf(),
+            },
+            summary,
+        ))
     } else if is_gguf(path)? {
         let g = GgufFile::open(path)?;
         let cfg = g.config()?;
         let w = g.weights(&cfg)?;
-        let model = Model::load(&w, &cfg).with_context(|| format!("loading {}", path.display()))?;
+        let (model, summary) = Model::load_hybrid_quantized(&w, &cfg, None, format)
+            .with_context(|| format!("loading {}", path.display()))?;
+        drop(w);
         let tokenizer = Tokenizer::from_gguf(&g)?;
-        Ok(LoadedModel {
-            model,
-            tokenizer,
-            format: SourceFormat::Gguf,
-            path: path.to_path_buf(),
-        })
+        Ok((
+            LoadedModel {
+                model,
+                tokenizer,
+                format: SourceFormat::Gguf,
+                path: path.to_path_buf(),
+            },
+            summary,
+        ))
     } else {
         bail!(
             "{} is neither a checkpoint directory (config.json) nor a GGUF file (no GGUF magic)",

@@ -13,10 +13,9 @@
 use crate::formats::config::{Architecture, ModelConfig, RopeScaling};
 use crate::formats::weights::Weights;
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// An opened GGUF file: header, metadata and tensor directory (tensor data is read on demand).
@@ -243,10 +242,11 @@ impl GgufFile {
             .with_context(|| format!("{}: dequantising tensor {name}", self.path.display()))
     }
 
-    /// All model tensors, dequantised, under Hugging Face names, with W_q/W_k un-permuted.
+    /// All model tensors under Hugging Face names, each read, dequantised to f32 and (W_q / W_k)
+    /// un-permuted when the model asks for it (`Weights::get`), so that the file's tensors are
+    /// never all in f32 at once.
     pub fn weights(&self, cfg: &ModelConfig) -> Result<Weights> {
-        let mut tensors = HashMap::new();
-        let mut origin = HashMap::new();
+        let mut w = Weights::empty();
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         for gname in names {
@@ -259,20 +259,55 @@ impl GgufFile {
                     self.path.display()
                 )
             })?;
-            let mut t = self.tensor_f32(gname)?;
-            if cfg.architecture == Architecture::Llama {
-                if gname.ends_with("attn_q.weight") || gname.ends_with("attn_q.bias") {
-                    t = unpermute_rows(&t, cfg.num_attention_heads)
-                        .with_context(|| format!("un-permuting {gname}"))?;
-                } else if gname.ends_with("attn_k.weight") || gname.ends_with("attn_k.bias") {
-                    t = unpermute_rows(&t, cfg.num_key_value_heads)
-                        .with_context(|| format!("un-permuting {gname}"))?;
-                }
+            let info = &self.content.tensor_infos[gname];
+            if !SUPPORTED.contains(&info.ggml_dtype) {
+                bail!(
+                    "{}: tensor {gname} has quantisation {:?}, which is not supported (supported: {:?})",
+                    self.path.display(),
+                    info.ggml_dtype,
+                    SUPPORTED
+                );
             }
-            origin.insert(hf.clone(), self.path.clone());
-            tensors.insert(hf, t);
+            let unpermute = if cfg.architecture != Architecture::Llama {
+                None
+            } else if gname.ends_with("attn_q.weight") || gname.ends_with("attn_q.bias") {
+                Some(cfg.num_attention_heads)
+            } else if gname.ends_with("attn_k.weight") || gname.ends_with("attn_k.bias") {
+                Some(cfg.num_key_value_heads)
+            } else {
+                None
+            };
+            // What the reader needs, owned (candle's TensorInfo is not Clone).
+            let info = TensorInfo {
+                ggml_dtype: info.ggml_dtype,
+                shape: info.shape.clone(),
+                offset: info.offset,
+            };
+            let shape = info.shape.dims().to_vec();
+            let (path, data_offset, gname) = (
+                self.path.clone(),
+                self.content.tensor_data_offset,
+                gname.clone(),
+            );
+            let read: crate::formats::weights::ReadTensor = Box::new(move || {
+                let mut f = std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                let q = info.read(&mut f, data_offset, &Device::Cpu).map_err(|e| {
+                    anyhow::anyhow!("{}: reading tensor {gname}: {e}", path.display())
+                })?;
+                let t = q
+                    .dequantize(&Device::Cpu)
+                    .with_context(|| format!("{}: dequantising tensor {gname}", path.display()))?;
+                match unpermute {
+                    Some(heads) => {
+                        unpermute_rows(&t, heads).with_context(|| format!("un-permuting {gname}"))
+                    }
+                    None => Ok(t),
+                }
+            });
+            w.insert_deferred(hf, shape, candle_core::DType::F32, &self.path, read)?;
         }
-        Ok(Weights::new(tensors, origin))
+        Ok(w)
     }
 }
 

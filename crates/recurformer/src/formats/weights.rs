@@ -3,15 +3,45 @@
 //!
 //! Sources: safetensors files (single or sharded with `model.safetensors.index.json`) and GGUF
 //! files (see `gguf.rs`, which maps GGUF names onto Hugging Face names before they land here).
+//!
+//! Tensors from files are read when the model asks for them (`Weights::get`), not when the file
+//! is opened: the safetensors files stay memory-mapped and each tensor is converted to f32 on its
+//! own, a GGUF tensor is read and dequantised on its own. A loader that quantises each layer as it
+//! builds it (`Model::load_hybrid_quantized`) then never holds the f32 copies of the whole model
+//! at once: peak memory at load is the quantised model plus one layer in f32 (issue 20).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Reads one tensor from its file, as f32 for floating-point tensors.
+pub type ReadTensor = Box<dyn Fn() -> Result<Tensor>>;
+
+/// A tensor in memory, or one read from its file when asked for.
+enum Entry {
+    Ready(Tensor),
+    Deferred {
+        shape: Vec<usize>,
+        /// The element type the file stores (a float type is converted to f32 by `read`).
+        dtype: DType,
+        read: ReadTensor,
+    },
+}
+
+impl Entry {
+    fn dims(&self) -> &[usize] {
+        match self {
+            Entry::Ready(t) => t.dims(),
+            Entry::Deferred { shape, .. } => shape,
+        }
+    }
+}
 
 pub struct Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Entry>,
     /// Where each tensor came from, for error messages.
     origin: HashMap<String, PathBuf>,
     used: RefCell<BTreeSet<String>>,
@@ -20,10 +50,44 @@ pub struct Weights {
 impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, origin: HashMap<String, PathBuf>) -> Self {
         Weights {
-            tensors,
+            tensors: tensors
+                .into_iter()
+                .map(|(k, t)| (k, Entry::Ready(t)))
+                .collect(),
             origin,
             used: RefCell::new(BTreeSet::new()),
         }
+    }
+
+    /// An empty set, filled by [`Weights::insert_deferred`].
+    pub fn empty() -> Self {
+        Weights {
+            tensors: HashMap::new(),
+            origin: HashMap::new(),
+            used: RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    /// Adds a tensor of `shape` stored as `dtype` in `origin`, read by `read` when the model asks
+    /// for it. Fails if the name is taken.
+    pub fn insert_deferred(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        dtype: DType,
+        origin: &Path,
+        read: ReadTensor,
+    ) -> Result<()> {
+        if self.tensors.contains_key(&name) {
+            bail!(
+                "tensor {name} appears twice (second time in {})",
+                origin.display()
+            );
+        }
+        self.origin.insert(name.clone(), origin.to_path_buf());
+        self.tensors
+            .insert(name, Entry::Deferred { shape, dtype, read });
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -41,9 +105,10 @@ impl Weights {
             .unwrap_or_else(|| "the checkpoint".into())
     }
 
-    /// The tensor `name`, which must have exactly `shape`.
+    /// The tensor `name` as f32, which must have exactly `shape`. A tensor from a file is read
+    /// now, and each call reads it again (the model asks once per tensor).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.tensors.get(name).with_context(|| {
+        let e = self.tensors.get(name).with_context(|| {
             let files: BTreeSet<String> = self
                 .origin
                 .values()
@@ -54,14 +119,26 @@ impl Weights {
                 files.into_iter().collect::<Vec<_>>().join(", ")
             )
         })?;
-        if t.dims() != shape {
+        if e.dims() != shape {
             bail!(
                 "tensor {name} in {} has shape {:?}, expected {:?}",
                 self.where_(name),
-                t.dims(),
+                e.dims(),
                 shape
             );
         }
+        let t = match e {
+            Entry::Ready(t) => t.clone(),
+            Entry::Deferred { dtype, read, .. } => {
+                if !dtype.is_float() {
+                    bail!(
+                        "tensor {name} in {} has dtype {dtype:?}, expected a floating-point type",
+                        self.where_(name)
+                    );
+                }
+                read().with_context(|| format!("reading tensor {name} in {}", self.where_(name)))?
+            }
+        };
         if t.dtype() != DType::F32 {
             bail!(
                 "tensor {name} in {} has dtype {:?}, expected a floating-point type",
@@ -69,8 +146,16 @@ impl Weights {
                 t.dtype()
             );
         }
+        if t.dims() != shape {
+            bail!(
+                "tensor {name} in {} was read with shape {:?}, expected {:?}",
+                self.where_(name),
+                t.dims(),
+                shape
+            );
+        }
         self.used.borrow_mut().insert(name.to_string());
-        Ok(t.clone())
+        Ok(t)
     }
 
     /// Marks a tensor as deliberately unused (for example a saved copy of a tied `lm_head`).
@@ -103,17 +188,16 @@ impl Weights {
     }
 }
 
-/// Loads every tensor of one safetensors file as f32.
-pub fn read_safetensors(
-    path: &Path,
-    out: &mut HashMap<String, Tensor>,
-    origin: &mut HashMap<String, PathBuf>,
-) -> Result<()> {
+/// Registers every tensor of one safetensors file in `out`, to be read (and converted to f32)
+/// when the model asks for it. The file stays memory-mapped until `out` is dropped.
+pub fn read_safetensors(path: &Path, out: &mut Weights) -> Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: the file is opened read-only and the map is dropped before we return; a concurrent
-    // writer could change the bytes under us, which is the usual caveat of memory-mapped loading.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("mapping {}", path.display()))?;
+    // SAFETY: the file is opened read-only; a concurrent writer could change the bytes under us,
+    // which is the usual caveat of memory-mapped loading.
+    let mmap = Arc::new(
+        unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {}", path.display()))?,
+    );
     let st = safetensors::SafeTensors::deserialize(&mmap)
         .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
     for (name, view) in st.tensors() {
@@ -130,37 +214,41 @@ pub fn read_safetensors(
                 path.display()
             ),
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .with_context(|| format!("tensor {name} in {}", path.display()))?;
-        let t = if t.dtype().is_float() {
-            t.to_dtype(DType::F32)?
-        } else {
-            t
-        };
-        // The tensor owns a copy now: let the kernel drop the mapped file pages it was read from,
-        // so that loading does not hold the file and its copy resident at once (without this the
-        // peak RSS of loading an f32 checkpoint is twice its size).
-        #[cfg(unix)]
-        {
-            let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
-            // SAFETY: MADV_DONTNEED on a read-only private file mapping only discards resident
-            // pages; a later read faults them in again from the unchanged file. No reference into
-            // this range outlives this loop iteration.
-            let _ = unsafe {
-                mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    offset,
-                    view.data().len(),
-                )
-            };
-        }
-        if out.insert(name.clone(), t).is_some() {
+        let shape = view.shape().to_vec();
+        let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        let len = view.data().len();
+        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if len != expected {
             bail!(
-                "tensor {name} appears twice (second time in {})",
+                "tensor {name} in {} holds {len} bytes, its shape {shape:?} and dtype {dtype:?} \
+                 need {expected}",
                 path.display()
             );
         }
-        origin.insert(name, path.to_path_buf());
+        let map = mmap.clone();
+        let read_shape = shape.clone();
+        let read: ReadTensor = Box::new(move || {
+            let bytes = &map[start..start + len];
+            let t = Tensor::from_raw_buffer(bytes, dtype, &read_shape, &Device::Cpu)?;
+            let t = if dtype.is_float() && dtype != DType::F32 {
+                t.to_dtype(DType::F32)?
+            } else {
+                t
+            };
+            // The tensor owns a copy now: let the kernel drop the mapped file pages it was read
+            // from, so that loading does not hold the file and its copy resident at once.
+            #[cfg(unix)]
+            {
+                // SAFETY: MADV_DONTNEED on a read-only private file mapping only discards
+                // resident pages; a later read faults them in again from the unchanged file. No
+                // reference into this range outlives this call.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                };
+            }
+            Ok(t)
+        });
+        out.insert_deferred(name, shape, dtype, path, read)?;
     }
     Ok(())
 }
@@ -168,12 +256,11 @@ pub fn read_safetensors(
 /// Loads the weights of a Hugging Face checkpoint directory: `model.safetensors`, or the shards
 /// listed in `model.safetensors.index.json`.
 pub fn load_hf_dir(dir: &Path) -> Result<Weights> {
-    let mut tensors = HashMap::new();
-    let mut origin = HashMap::new();
+    let mut w = Weights::empty();
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     if single.exists() {
-        read_safetensors(&single, &mut tensors, &mut origin)?;
+        read_safetensors(&single, &mut w)?;
     } else if index.exists() {
         let text = crate::formats::io::read_text(&index, crate::formats::io::JSON_FILE_LIMIT)?;
         let v: serde_json::Value = serde_json::from_str(&text)
@@ -211,10 +298,10 @@ pub fn load_hf_dir(dir: &Path) -> Result<Weights> {
                     index.display()
                 );
             }
-            let before: BTreeSet<String> = tensors.keys().cloned().collect();
-            read_safetensors(&path, &mut tensors, &mut origin)?;
-            let got: BTreeSet<String> = tensors
-                .keys()
+            let before: BTreeSet<String> = w.names().cloned().collect();
+            read_safetensors(&path, &mut w)?;
+            let got: BTreeSet<String> = w
+                .names()
                 .filter(|k| !before.contains(*k))
                 .cloned()
                 .collect();
@@ -231,5 +318,5 @@ pub fn load_hf_dir(dir: &Path) -> Result<Weights> {
             dir.display()
         );
     }
-    Ok(Weights::new(tensors, origin))
+    Ok(w)
 }

@@ -19,6 +19,7 @@ use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
 use crate::model::mamba::MambaMixer;
 use crate::model::options::{ForwardOptions, ProbsObserver};
 use crate::model::plan::{LayerPlan, Plan};
+use crate::model::quant::{drop_lm_head_f32, quantize_layer, QuantSummary, WeightFormat};
 use crate::model::window::{KvWindow, LocalAttention};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -313,6 +314,24 @@ impl DecoderLayer {
         v
     }
 
+    /// The linear layers an inference forward runs (those of [`DecoderLayer::inference_linears_mut`]).
+    pub(crate) fn inference_linears(&self) -> Vec<&Linear> {
+        let mut v: Vec<&Linear> = Vec::new();
+        if let Some(a) = &self.self_attn {
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj]);
+        }
+        if let Some(w) = &self.local {
+            v.extend([&w.q_proj, &w.k_proj, &w.v_proj]);
+        }
+        v.extend([
+            &self.o_proj_run,
+            &self.mlp.gate_proj,
+            &self.mlp.up_proj,
+            &self.mlp.down_proj,
+        ]);
+        v
+    }
+
     /// True when the o_proj the forward runs is quantised.
     pub(crate) fn o_proj_run_quantised(&self) -> bool {
         self.o_proj_run.quant.is_some()
@@ -373,6 +392,10 @@ pub struct Model {
     pub lm_head: Tensor, // (v, d); the embedding itself when tied
     /// A quantised copy of the LM head for inference (`model::quant`); None in f32.
     pub lm_head_q: Option<crate::model::kernels::q8_gemv::QWeight>,
+    /// The embedding table in q8_0 for an inference-only model whose f32 table was freed
+    /// ([`crate::model::quant`]; with tied embeddings it is the quantised LM head itself): the
+    /// lookup dequantises the rows it needs, as llama.cpp's `get_rows` does. None otherwise.
+    pub embed_q: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
     pub rope: Rope,
     pub device: Device,
     /// Element type of the KV caches `new_cache` makes (`--kv`); f32 unless set.
@@ -394,6 +417,24 @@ impl Model {
         cfg: &ModelConfig,
         section: Option<&RecurformerSection>,
     ) -> Result<Self> {
+        Ok(Self::load_hybrid_quantized(w, cfg, section, WeightFormat::F32)?.0)
+    }
+
+    /// [`Model::load_hybrid`] for a model used only for inference, with its linear layers, the
+    /// mixers' stacked projections and the LM head in `format`: each layer is quantised as soon
+    /// as it is read, and its f32 copies freed ([`crate::model::quant::quantize_layer`]), so that
+    /// with tensors read on demand (`Weights`) the f32 weights of the whole model never coexist
+    /// in memory (issue 20: the load was the peak of a bench run at 8K). The result equals
+    /// `load_hybrid` followed by [`Model::quantize_for_inference`]. For `f32` it is `load_hybrid`.
+    /// Returns the summary; its `freed` counts every f32 copy released, the LM head's included.
+    pub fn load_hybrid_quantized(
+        w: &Weights,
+        cfg: &ModelConfig,
+        section: Option<&RecurformerSection>,
+        format: WeightFormat,
+    ) -> Result<(Self, QuantSummary)> {
+        let dtype = format.dtype();
+        let mut summary = QuantSummary::default();
         cfg.validate()?;
         if let Some(s) = section {
             s.plan
@@ -404,7 +445,14 @@ impl Model {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, d])?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(w, i, cfg, hybrid.map(|(p, m)| (&p.layers[i], m))))
+            .map(|i| {
+                let mut layer =
+                    DecoderLayer::load(w, i, cfg, hybrid.map(|(p, m)| (&p.layers[i], m)))?;
+                if let Some(dt) = dtype {
+                    quantize_layer(i, &mut layer, dt, true, &mut summary)?;
+                }
+                Ok(layer)
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(w, "model.norm.weight", d, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -421,7 +469,7 @@ impl Model {
         }
         w.finish()?;
         let device = embed_tokens.device().clone();
-        Ok(Model {
+        let mut model = Model {
             cfg: cfg.clone(),
             recurformer: section.cloned(),
             embed_tokens,
@@ -429,11 +477,19 @@ impl Model {
             norm,
             lm_head,
             lm_head_q: None,
+            embed_q: None,
             rope: Rope::new(cfg),
             device,
             kv_dtype: KvDtype::F32,
             inference_only: false,
-        })
+        };
+        if let Some(dt) = dtype {
+            model.quantize_lm_head(dt, &mut summary)?;
+            if summary.quantized > 0 {
+                summary.freed += drop_lm_head_f32(&mut model)?;
+            }
+        }
+        Ok((model, summary))
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -583,9 +639,20 @@ impl Model {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         Ok(self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
+            .embed_rows(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The embedding rows of `ids` (n): (n, d), from the f32 table or, once that was freed, from
+    /// the q8_0 one ([`Model::embed_q`]).
+    fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.embed_q {
+            None => Ok(self.embed_tokens.index_select(ids, 0)?),
+            Some(q) => {
+                let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                crate::model::quant::q8_0_rows(q, &ids, &self.device)
+            }
+        }
     }
 
     /// Logits at every position: (b, t, v).
@@ -654,11 +721,10 @@ impl Model {
             );
         }
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((n, 1, self.cfg.hidden_size))?; // (n, 1, d)
-                                                         // Each row's rotary tables at its own position: (n, 1, hd/2).
+        let mut x = self
+            .embed_rows(&ids)?
+            .reshape((n, 1, self.cfg.hidden_size))?; // (n, 1, d)
+                                                     // Each row's rotary tables at its own position: (n, 1, hd/2).
         let mut cos = Vec::with_capacity(n);
         let mut sin = Vec::with_capacity(n);
         for c in caches.iter() {

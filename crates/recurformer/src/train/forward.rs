@@ -111,6 +111,7 @@ pub fn map_model(m: &Model, f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>) 
         lm_head,
         // The mapped model runs in f32: a quantised head of `m` would not follow the mapping.
         lm_head_q: None,
+        embed_q: None,
         ..m.clone()
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod decode_attention;
 pub mod prefill_attention;
+pub mod q8_gemm;
 pub mod q8_gemv;
 pub mod simd;
 pub mod window_attention;

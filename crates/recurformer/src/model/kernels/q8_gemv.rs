@@ -30,23 +30,23 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Tensor};
 use half::f16;
 
-/// Most rows of x one call takes; more go to candle's matmul (prefill).
+/// Most rows of x one call takes; more go to the prefill GEMM (`q8_gemm`).
 pub const MAX_ROWS: usize = 8;
 
 /// Values per block, bytes per block (f16 scale + 32 × i8).
-const QK: usize = 32;
-const BLOCK_BYTES: usize = 34;
+pub(crate) const QK: usize = 32;
+pub(crate) const BLOCK_BYTES: usize = 34;
 
 /// Below this many weights a matrix is done on one thread (dispatch would cost more than it
 /// saves).
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
+pub(crate) const PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
 
 /// Weight rows per work item of the thread pool.
-const ROWS_PER_ITEM: usize = 16;
+pub(crate) const ROWS_PER_ITEM: usize = 16;
 
 /// Whether the kernel is switched off in favour of candle's matmul: set
 /// `RECURFORMER_CANDLE_QMATMUL=1` to time or check the old path. Read once.
-fn disabled() -> bool {
+pub(crate) fn disabled() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| {
         std::env::var("RECURFORMER_CANDLE_QMATMUL").is_ok_and(|v| !v.is_empty() && v != "0")
@@ -56,6 +56,22 @@ fn disabled() -> bool {
 /// Whether the tiled kernel ([`packed_matmul`]) is switched off in favour of the row kernel:
 /// set `RECURFORMER_ROW_Q8_GEMV=1` to time or check the path before it. Read once, when a
 /// matrix is quantised.
+/// Whether matrices quantised from now on get the tiled copy of [`QWeight`]. Off by default: the
+/// copy holds every q8_0 block a second time (about 135 MiB for SmolLM2-135M) and pays only when
+/// several sequences decode in one step, so `serve --parallel N` (N > 1) turns it on before
+/// loading; one-sequence decode (`generate`, `bench`, `eval`) keeps one copy of the weights and
+/// the row kernel (issue 20's memory target, issue 22's batched decode).
+static TILED_PACKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the tiled copy of matrices quantised later on or off (see [`TILED_PACKING`]).
+pub fn set_tiled_packing(on: bool) {
+    TILED_PACKING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn tiled_packing() -> bool {
+    TILED_PACKING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn tiled_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| {
@@ -69,7 +85,7 @@ fn tiled_off() -> bool {
 /// kernel here would not reproduce the prefill of the same matrix bit for bit (0.5 % apart);
 /// such matrices stay with candle for every row count, and cached decode keeps equal to a full
 /// forward. Measured on one thread, both run at the same speed there (BENCHMARKS.md).
-fn candle_repacks(k: usize) -> bool {
+pub(crate) fn candle_repacks(k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -96,11 +112,14 @@ pub struct QWeight {
 }
 
 impl QWeight {
-    /// Wraps a quantised matrix, packing its tiles when the tiled kernel will take it.
+    /// Wraps a quantised matrix, packing its tiles when the tiled kernel will take it and tiled
+    /// packing is on ([`set_tiled_packing`]).
     pub fn new(t: QTensor) -> Result<Self> {
         let q = QMatMul::from_arc(std::sync::Arc::new(t))?;
         let packed = match &q {
-            QMatMul::QTensor(w) if vnni() && !disabled() && !tiled_off() => PackedQ8_0::pack(w)?,
+            QMatMul::QTensor(w) if tiled_packing() && vnni() && !disabled() && !tiled_off() => {
+                PackedQ8_0::pack(w)?
+            }
             _ => None,
         }
         .map(std::sync::Arc::new);
@@ -127,13 +146,19 @@ pub fn qmatmul(w: &QWeight, x: &Tensor) -> Result<Tensor> {
 }
 
 /// `x Wᵀ` through `q`: x (m, k) -> (m, n), with the row kernel here when it applies (q8_0
-/// weights, f32 x on the CPU, 1..=MAX_ROWS rows, a matrix candle does not repack) and candle's
-/// quantised matmul otherwise.
+/// weights, f32 x on the CPU, 1..=MAX_ROWS rows, a matrix candle does not repack), the prefill
+/// GEMM of `q8_gemm` for more rows of such a matrix, and candle's quantised matmul otherwise.
 pub fn qmatmul_q(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let k = x.dims().last().copied().unwrap_or(0);
     if !disabled() && !candle_repacks(k) {
         if let Some(y) = q8_0_matmul_on(Isa::detect(), q, x)? {
             return Ok(y);
+        }
+        if !crate::model::kernels::q8_gemm::disabled() {
+            let isa = crate::model::kernels::q8_gemm::GemmIsa::detect();
+            if let Some(y) = crate::model::kernels::q8_gemm::q8_0_gemm_on(isa, q, x)? {
+                return Ok(y);
+            }
         }
     }
     Ok(candle_core::Module::forward(q, &x.contiguous()?)?)
@@ -207,12 +232,31 @@ pub fn q8_0_matmul_on(isa: Isa, q: &QMatMul, x: &Tensor) -> Result<Option<Tensor
 
 /// x quantised per block as GGML's Q8_0: scales (m, kb) (the f16-rounded value, as the dot
 /// product uses it) and values (m, k).
-struct QuantRows {
-    d: Vec<f32>,
-    qs: Vec<i8>,
+pub(crate) struct QuantRows {
+    pub(crate) d: Vec<f32>,
+    pub(crate) qs: Vec<i8>,
 }
 
-fn quantize_rows(xs: &[f32], m: usize, k: usize) -> QuantRows {
+pub(crate) fn quantize_rows(xs: &[f32], m: usize, k: usize) -> QuantRows {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() >= Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (and so SSE4.1).
+        return unsafe { quantize_rows_avx2(xs, m, k) };
+    }
+    quantize_rows_portable(xs, m, k)
+}
+
+/// [`quantize_rows`] compiled for AVX2: the same code, but `f32::round` (half away from zero, as
+/// GGML's `roundf`) becomes an exact add-and-truncate (`vroundps`) instead of a call into libm,
+/// which took 5 % of a 2K-token prefill (perf), and the loops vectorise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,sse4.1")]
+unsafe fn quantize_rows_avx2(xs: &[f32], m: usize, k: usize) -> QuantRows {
+    quantize_rows_portable(xs, m, k)
+}
+
+#[inline(always)]
+fn quantize_rows_portable(xs: &[f32], m: usize, k: usize) -> QuantRows {
     let kb = k / QK;
     let mut d = vec![0f32; m * kb];
     let mut qs = vec![0i8; m * k];
@@ -230,7 +274,7 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> QuantRows {
 
 /// out (rows, m) = the dot products of each weight row in `w` (rows × kb blocks) with each row of
 /// x.
-fn gemv_rows(isa: Isa, w: &[u8], kb: usize, x: &QuantRows, m: usize, out: &mut [f32]) {
+pub(crate) fn gemv_rows(isa: Isa, w: &[u8], kb: usize, x: &QuantRows, m: usize, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa` only names a SIMD set the CPU was found to have.
@@ -435,7 +479,7 @@ pub fn packed_matmul(p: &PackedQ8_0, x: &Tensor) -> Result<Option<Tensor>> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QuantRows, BLOCK_BYTES, MAX_ROWS, QK};
+    use super::{QuantRows, BLOCK_BYTES, QK};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -489,7 +533,6 @@ mod x86 {
         m: usize,
         out: &mut [f32],
     ) {
-        debug_assert!(m <= MAX_ROWS);
         for (row, o) in w
             .chunks_exact(kb * BLOCK_BYTES)
             .zip(out.chunks_exact_mut(m))
