@@ -26,13 +26,13 @@
 //! The instruction set is chosen at run time; rows of W are split over candle's worker pool.
 
 use crate::model::kernels::q8_gemv::{
-    candle_repacks, gemv_rows, quantize_rows, BLOCK_BYTES, MAX_ROWS, PARALLEL_MIN_WEIGHTS, QK,
-    ROWS_PER_ITEM,
+    candle_repacks, gemv_rows, q8_0_operands, Q8Operands, BLOCK_BYTES, MAX_ROWS,
+    PARALLEL_MIN_WEIGHTS, QK, ROWS_PER_ITEM,
 };
 use crate::model::kernels::simd::Isa;
 use anyhow::Result;
-use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{DType, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::Tensor;
 
 /// Whether this GEMM is switched off in favour of candle's matmul for prefill: set
 /// `RECURFORMER_CANDLE_GEMM=1` to time or check the old path. Read once.
@@ -97,36 +97,11 @@ impl GemmIsa {
 /// does not apply (not q8_0, not f32 on the CPU, too few rows, k not whole blocks, or a matrix
 /// candle repacks: see the module comment).
 pub fn q8_0_gemm_on(isa: GemmIsa, q: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
-    let QMatMul::QTensor(w) = q else {
+    let takes = |m: usize, k: usize| m > MAX_ROWS && !candle_repacks(k);
+    let Some(Q8Operands { data, m, n, k, xq }) = q8_0_operands(q, x, takes, "q8_0 gemm")? else {
         return Ok(None);
     };
-    if w.dtype() != GgmlDType::Q8_0 || !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let Ok((m, k)) = x.dims2() else {
-        return Ok(None);
-    };
-    let Ok((n, wk)) = w.shape().dims2() else {
-        return Ok(None);
-    };
-    if m <= MAX_ROWS || k % QK != 0 || candle_repacks(k) {
-        return Ok(None);
-    }
-    if wk != k {
-        anyhow::bail!("q8_0 gemm: input has {k} columns, the weight matrix is ({n}, {wk})");
-    }
-    let data = w.data()?;
     let kb = k / QK;
-    if data.len() != n * kb * BLOCK_BYTES {
-        anyhow::bail!(
-            "q8_0 gemm: weight storage holds {} bytes, expected {} for ({n}, {k})",
-            data.len(),
-            n * kb * BLOCK_BYTES
-        );
-    }
-    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let xq = quantize_rows(&xs, m, k);
-    drop(xs);
     let mut y = vec![0f32; m * n];
     let y_ptr = y.as_mut_ptr() as usize;
     // Work item `it`: weight rows [it * ROWS_PER_ITEM, ..), i.e. those columns of y.

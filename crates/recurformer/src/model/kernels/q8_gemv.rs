@@ -164,8 +164,25 @@ pub fn qmatmul_q(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
     Ok(candle_core::Module::forward(q, &x.contiguous()?)?)
 }
 
-/// The kernel on the instruction set `isa`: None when it does not apply (see [`qmatmul`]).
-pub fn q8_0_matmul_on(isa: Isa, q: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
+/// The operands the q8_0 kernels here read for `x Wᵀ` (this file's row kernel and
+/// `q8_gemm`'s prefill GEMM): W's blocks, checked against its shape, and x (m, k) quantised to
+/// q8_0 rows. None when the product is not theirs: W not q8_0, x not f32 on the CPU or not 2-D, k
+/// not whole blocks, or `takes(m, k)` false; an error (`what` names the kernel) when x and W
+/// disagree.
+pub(crate) struct Q8Operands<'a> {
+    pub data: std::borrow::Cow<'a, [u8]>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub xq: QuantRows,
+}
+
+pub(crate) fn q8_0_operands<'a>(
+    q: &'a QMatMul,
+    x: &Tensor,
+    takes: impl Fn(usize, usize) -> bool,
+    what: &str,
+) -> Result<Option<Q8Operands<'a>>> {
     let QMatMul::QTensor(w) = q else {
         return Ok(None);
     };
@@ -178,23 +195,44 @@ pub fn q8_0_matmul_on(isa: Isa, q: &QMatMul, x: &Tensor) -> Result<Option<Tensor
     let Ok((n, wk)) = w.shape().dims2() else {
         return Ok(None);
     };
-    if m == 0 || m > MAX_ROWS || k % QK != 0 {
+    if k % QK != 0 || !takes(m, k) {
         return Ok(None);
     }
     if wk != k {
-        anyhow::bail!("q8_0 matmul: input has {k} columns, the weight matrix is ({n}, {wk})");
+        anyhow::bail!("{what}: input has {k} columns, the weight matrix is ({n}, {wk})");
     }
-    let data = w.data()?;
-    let kb = k / QK;
-    if data.len() != n * kb * BLOCK_BYTES {
-        anyhow::bail!(
-            "q8_0 matmul: weight storage holds {} bytes, expected {} for ({n}, {k})",
-            data.len(),
-            n * kb * BLOCK_BYTES
-        );
-    }
+    let data = q8_0_blocks(w, n, k, what)?;
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let xq = quantize_rows(&xs, m, k);
+    Ok(Some(Q8Operands { data, m, n, k, xq }))
+}
+
+/// The q8_0 blocks of `w` (n, k), refused when their length does not match the shape.
+fn q8_0_blocks<'a>(
+    w: &'a QTensor,
+    n: usize,
+    k: usize,
+    what: &str,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let data = w.data()?;
+    let want = n * (k / QK) * BLOCK_BYTES;
+    if data.len() != want {
+        anyhow::bail!(
+            "{what}: weight storage holds {} bytes, expected {want} for ({n}, {k})",
+            data.len()
+        );
+    }
+    Ok(data)
+}
+
+/// The kernel on the instruction set `isa`: None when it does not apply (see [`qmatmul`]).
+pub fn q8_0_matmul_on(isa: Isa, q: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
+    let Some(Q8Operands { data, m, n, k, xq }) =
+        q8_0_operands(q, x, |m, _| m >= 1 && m <= MAX_ROWS, "q8_0 matmul")?
+    else {
+        return Ok(None);
+    };
+    let kb = k / QK;
     // Output computed transposed, (n, m): each work item owns a run of weight rows.
     let mut yt = vec![0f32; n * m];
     let task = |r0: usize, out: &mut [f32]| {
@@ -369,15 +407,8 @@ impl PackedQ8_0 {
         if w.dtype() != GgmlDType::Q8_0 || n < TILE_N || k % QK != 0 || candle_repacks(k) {
             return Ok(None);
         }
-        let data = w.data()?;
+        let data = q8_0_blocks(w, n, k, "q8_0 tiles")?;
         let kb = k / QK;
-        if data.len() != n * kb * BLOCK_BYTES {
-            anyhow::bail!(
-                "q8_0 matrix ({n}, {k}) holds {} bytes, expected {}",
-                data.len(),
-                n * kb * BLOCK_BYTES
-            );
-        }
         let nt = n / TILE_N;
         let mut tiles = Vec::with_capacity(nt * kb);
         for t in 0..nt {
